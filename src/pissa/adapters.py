@@ -1,0 +1,220 @@
+"""In-memory PiSSA init of a live `transformers` model through PEFT.
+
+Targets are matched with PEFT's own matcher, so the set we decompose is exactly the set PEFT
+wraps. Each targeted weight W is decomposed in fp32 (see `pissa.decompose`); A and B go into the
+LoRA layers, the residual replaces the base weight. GPT-2 style Conv1D weights are stored
+transposed (in, out); they are decomposed as W.T and written back transposed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .decompose import decompose, get_method, layer_seed, make_options
+from .errors import PissaError
+from .models import is_causal_lm, parse_dtype
+
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class PissaConfig:
+    """How to initialise adapters; saved beside every output so a run can be repeated."""
+
+    rank: int = field(default=16, metadata={"help": "Adapter rank r for every targeted layer."})
+    alpha: float | None = field(
+        default=None, metadata={"help": "LoRA alpha; the update is scaled by alpha/r. Default: alpha = r (scale 1)."}
+    )
+    method: str = field(default="pissa", metadata={"help": "Decomposition method (see `pissa methods`)."})
+    options: dict = field(default_factory=dict, metadata={"help": "Options of the method, e.g. {'niter': 4}."})
+    targets: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Module names (suffix match) or one regex (full match); default: every linear "
+                          "layer except the output head."},
+    )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Per-layer rank overrides: {regex or name suffix: rank}."}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout used in training (paper: 0)."})
+    seed: int = field(default=0, metadata={"help": "Seed of every randomized step (per-layer generators)."})
+    adapter_dtype: str = field(default="float32", metadata={"help": "Storage dtype of A and B (paper: fp32)."})
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise PissaError(f"--rank must be > 0, got {self.rank}")
+        bad = {k: r for k, r in self.rank_pattern.items() if r <= 0}
+        if bad:
+            raise PissaError(f"rank pattern ranks must be > 0, got {bad}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise PissaError(f"--alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise PissaError(f"--dropout must be in [0, 1), got {self.dropout}")
+        get_method(self.method)
+        make_options(self.method, self.options)  # refuses unknown options now, not mid-run
+        parse_dtype(self.adapter_dtype)
+
+    def alpha_for(self, rank: int) -> float:
+        """The paper's default alpha = r keeps scale 1 for every layer, overridden ranks included."""
+        return float(rank) if self.alpha is None else self.alpha
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fields_help(cls) -> dict[str, str]:
+    """Field name -> help text of a config dataclass (the CLI builds its option help from it)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if getter else None
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear / Conv1D in the model except the output head, by full name."""
+    head = output_head(model)
+    return {n: m for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_conv1d(m)) and m is not head}
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Leaf names of every linear layer except the head, as PEFT's `target_modules` list."""
+    return sorted({name.rsplit(".", 1)[-1] for name in linear_modules(model)})
+
+
+def lora_config(config: PissaConfig, model: nn.Module, matched: list[str]):
+    """The PEFT LoraConfig for `config`; `matched` are the module names it targets."""
+    from peft import LoraConfig
+
+    modules = dict(model.named_modules())
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha_for(config.rank),
+        target_modules=config.targets if config.targets is not None else default_targets(model),
+        rank_pattern=dict(config.rank_pattern),
+        # alpha = r per layer keeps scale 1 where the rank is overridden, as the paper does.
+        alpha_pattern={k: float(r) for k, r in config.rank_pattern.items()} if config.alpha is None else {},
+        lora_dropout=config.dropout,
+        use_rslora=config.use_rslora,
+        fan_in_fan_out=any(is_conv1d(modules[n]) for n in matched),
+        init_lora_weights=True,
+        task_type="CAUSAL_LM" if is_causal_lm(model.config) else None,
+    )
+
+
+def resolve_targets(model: nn.Module, config: PissaConfig) -> dict[str, int]:
+    """Full module name -> rank for every module PEFT will wrap, refusing bad targets up front."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    targets = config.targets if config.targets is not None else default_targets(model)
+    probe = LoraConfig(r=config.rank, target_modules=targets)
+    modules = dict(model.named_modules())
+    matched = [n for n in modules if n and check_target_module_exists(probe, n)]
+    if not matched:
+        raise PissaError(
+            f"no module matches targets {targets!r}; linear layers in this model are named: "
+            f"{', '.join(default_targets(model))}"
+        )
+    unsupported = [n for n in matched if not (isinstance(modules[n], nn.Linear) or is_conv1d(modules[n]))]
+    if unsupported:
+        kinds = sorted({type(modules[n]).__name__ for n in unsupported})
+        raise PissaError(
+            f"targets match {len(unsupported)} modules that are not linear layers ({', '.join(kinds)}), "
+            f"e.g. {unsupported[0]}; narrow --targets to linear layers"
+        )
+    # PEFT's own pattern lookup, so our ranks are the ones PEFT gives each layer.
+    return {n: config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), n), config.rank)
+            for n in matched}
+
+
+def check_not_quantized(model: nn.Module) -> None:
+    quant = getattr(model, "hf_quantizer", None) or getattr(model.config, "quantization_config", None)
+    if quant is not None:
+        raise PissaError(
+            "the model's weights are already quantized; PiSSA needs the full-precision weights. Load the "
+            "unquantized checkpoint (QPiSSA quantizes the residual after the decomposition)"
+        )
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a linear or Conv1D layer."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def check_targets(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Refuse ranks beyond a layer's size and non-finite weights before touching the model."""
+    from .decompose import check_weight
+
+    modules = dict(model.named_modules())
+    for name, rank in ranks.items():
+        check_weight(base_weight(modules[name]).detach(), rank, f"{name}.weight")
+
+
+def init_model(
+    model: nn.Module,
+    config: PissaConfig | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+):
+    """Wrap `model` (in place) with PEFT LoRA layers initialised by `config.method`.
+
+    Returns (PeftModel, report) where report maps each layer name to its decomposition info.
+    `progress(done, total, layer_name)` is called after each layer.
+    The model's outputs are unchanged: base weight = residual, and scale * B @ A = what was removed.
+    """
+    from peft import get_peft_model
+
+    config = config or PissaConfig()
+    check_not_quantized(model)
+    ranks = resolve_targets(model, config)
+    check_targets(model, ranks)
+    peft_model = get_peft_model(model, lora_config(config, model, list(ranks)))
+    report = {}
+    modules = dict(peft_model.base_model.model.named_modules())
+    for done, name in enumerate(ranks, 1):
+        report[name] = init_layer_(modules[name], name, config)
+        if progress:
+            progress(done, len(ranks), name)
+    return peft_model, report
+
+
+@torch.no_grad()
+def init_layer_(layer, name: str, config: PissaConfig) -> dict:
+    """Decompose one PEFT LoRA layer's base weight in place; returns its info."""
+    start = time.perf_counter()
+    base = layer.get_base_layer()
+    transposed = is_conv1d(base)
+    factors = decompose(
+        base_weight(base),
+        config.method,
+        layer.r[ADAPTER_NAME],
+        scale=layer.scaling[ADAPTER_NAME],
+        options=config.options,
+        seed=layer_seed(config.seed, name),
+        adapter_dtype=parse_dtype(config.adapter_dtype),
+        name=f"{name}.weight",
+    )
+    layer.lora_A[ADAPTER_NAME].weight.data = factors.A  # (r, in)
+    layer.lora_B[ADAPTER_NAME].weight.data = factors.B  # (out, r)
+    base.weight.data = factors.residual.T.contiguous() if transposed else factors.residual
+    return {**factors.info, "seconds": time.perf_counter() - start}
+
+
+def residual_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The base model's state dict with the residual weights under their original names."""
+    state = peft_model.get_base_model().state_dict()
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+

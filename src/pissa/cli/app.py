@@ -1,0 +1,91 @@
+"""The typer app and what every command shares: error handling, progress bars, summary tables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..errors import PissaError
+
+app = typer.Typer(
+    name="pissa",
+    help="PiSSA fine-tuning: principal-singular-value adapter init, QPiSSA, conversion to LoRA.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Print a user-fixable error in one line and exit with status 2 (no traceback)."""
+    try:
+        yield
+    except PissaError as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from e
+
+
+@contextmanager
+def layer_progress(description: str) -> Iterator:
+    """A rich progress bar driven by `callback(done, total, name)`."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[name]}", style="dim"),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None, name="")
+
+        def callback(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, name=name)
+
+        yield callback
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def parse_key_values(pairs: list[str], flag: str) -> dict:
+    """`["niter=4", "tol=1e-3"]` -> {"niter": 4, "tol": 0.001} (values parsed as JSON when they can be)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise PissaError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.callback()
+def _root() -> None:
+    """PiSSA fine-tuning: principal-singular-value adapter init, QPiSSA, conversion to LoRA."""

@@ -1,0 +1,84 @@
+"""`pissa init`: decompose a model's layers into a residual model + PEFT adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..adapters import PissaConfig, fields_help
+from .app import app, console, human_bytes, layer_progress, parse_key_values, summary_table, user_errors
+
+H = fields_help(PissaConfig)
+
+
+@app.command("init")
+def init_command(
+    model: str = typer.Argument(..., help="Embedded name (smollm2-135m, minilm-l6), local folder, or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: gets residual/, adapter/, pissa.json."),
+    rank: int = typer.Option(16, "--rank", "-r", help=H["rank"]),
+    alpha: float = typer.Option(None, "--alpha", help=H["alpha"]),
+    method: str = typer.Option("pissa", "--method", "-m", help=H["method"]),
+    niter: int = typer.Option(None, "--niter", help="Randomized-SVD power iterations (pissa); omit for exact SVD."),
+    oversample: int = typer.Option(None, "--oversample", help="Randomized-SVD extra sketch columns (default r)."),
+    components: str = typer.Option(
+        None, "--components", help="pissa: principal (default), medium, minor, or random singular triplets."
+    ),
+    option: list[str] = typer.Option([], "--option", help="Any other method option as KEY=VALUE (repeatable)."),
+    targets: list[str] = typer.Option(
+        [], "--targets", "-t", help="Module names to adapt (repeatable); default every linear layer but the head."
+    ),
+    target_regex: str = typer.Option(None, "--target-regex", help="One regex over full module names instead."),
+    rank_pattern: list[str] = typer.Option([], "--rank-pattern", help="Per-layer rank override PATTERN=RANK."),
+    use_rslora: bool = typer.Option(False, "--rslora", help=H["use_rslora"]),
+    seed: int = typer.Option(0, "--seed", help=H["seed"]),
+    adapter_dtype: str = typer.Option("float32", "--adapter-dtype", help=H["adapter_dtype"]),
+    dtype: str = typer.Option("auto", "--dtype", help="Load/residual dtype: auto (the checkpoint's), bf16, fp16, fp32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
+):
+    """Initialise PiSSA adapters: W = W_res + B @ A, written as a residual model plus a PEFT adapter.
+
+    Examples:
+
+      pissa init smollm2-135m --rank 16 --out out/smol-r16
+
+      pissa init meta-llama/Llama-3.1-8B --rank 64 --niter 4 --out out/llama-r64
+
+      pissa init ./my-model --method pissa --components minor --target-regex '.*mlp.*' --out out/minor
+    """
+    from ..initialize import run_init
+
+    with user_errors():
+        if targets and target_regex:
+            from ..errors import PissaError
+
+            raise PissaError("give either --targets or --target-regex, not both")
+        options = parse_key_values(option, "--option")
+        for key, value in (("niter", niter), ("oversample", oversample), ("components", components)):
+            if value is not None:
+                options[key] = value
+        config = PissaConfig(
+            rank=rank,
+            alpha=alpha,
+            method=method,
+            options=options,
+            targets=target_regex or (list(targets) or None),
+            rank_pattern={k: int(v) for k, v in parse_key_values(rank_pattern, "--rank-pattern").items()},
+            use_rslora=use_rslora,
+            seed=seed,
+            adapter_dtype=adapter_dtype,
+        )
+        with layer_progress("decomposing") as progress:
+            result = run_init(model, config, out, overwrite, dtype, trust_remote_code, progress=progress)
+    summary = result.manifest["summary"]
+    sizes = result.sizes()
+    console.print(summary_table(f"pissa init: {model} -> {out}", [
+        ("method", f"{config.method} {config.options or ''}".strip()),
+        ("layers", str(summary["layers"])),
+        ("ranks", ", ".join(map(str, summary["ranks"]))),
+        ("trainable params", f"{result.trainable_params:,}"),
+        ("max reconstruction error", f"{summary['max_recon_abs_err']:.3g} (after cast to storage dtype)"),
+        ("wall time", f"{result.seconds:.1f} s"),
+        *[(f"{out / name}", human_bytes(size)) for name, size in sizes.items()],
+    ]))

@@ -1,0 +1,176 @@
+"""The decomposition registry: named methods with typed options, one entry point.
+
+Orientation (PEFT's, used everywhere in pissa):
+    W        (out, in)   the frozen base weight, y = x @ W.T
+    lora_A   (r, in)
+    lora_B   (out, r)
+    update = scale * B @ A,  scale = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+A method returns the unscaled low-rank part it extracts from W as (B, A) with B @ A ~ part of W.
+`decompose` divides both factors by sqrt(scale), so `scale * B @ A` is still that part, then
+sets residual = W - scale * B @ A. Math runs in fp32; factors and residual are then cast to
+their storage dtypes, and the reconstruction error is measured after that cast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import PissaError
+
+
+class DecompositionError(PissaError, ValueError):
+    """A weight, rank or option that a decomposition method cannot handle."""
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed that depends only on the global seed and the layer's name, so results do
+    not depend on the order, worker count or process that decomposes the layer."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@dataclass
+class Factors:
+    """The result of decomposing one weight W (out, in)."""
+
+    A: torch.Tensor  # (r, in)   -> lora_A.weight
+    B: torch.Tensor  # (out, r)  -> lora_B.weight
+    residual: torch.Tensor  # (out, in) -> frozen base weight
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class NoOptions:
+    """This method takes no options."""
+
+
+# A method maps (W fp32 (out, in), rank, options, generator) -> (B (out, r), A (r, in), info).
+MethodFn = Callable[[torch.Tensor, int, typing.Any, torch.Generator], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: MethodFn
+    options: type
+    help: str
+    # False for LoRA-style inits that add a zero update instead of extracting part of W.
+    extracts: bool = True
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, options: type = NoOptions, help: str = "", extracts: bool = True):
+    """Decorator: add a decomposition method to the registry under `name`."""
+
+    def wrap(fn: MethodFn) -> MethodFn:
+        if name in METHODS:
+            raise ValueError(f"decomposition method {name!r} is registered twice")
+        METHODS[name] = Method(name, fn, options, help or (fn.__doc__ or "").strip().splitlines()[0], extracts)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise DecompositionError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def option_names(method: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(get_method(method).options)]
+
+
+def make_options(method: str, options: dict | None = None):
+    """Build the typed options dataclass of `method`, refusing unknown option names."""
+    m = get_method(method)
+    options = dict(options or {})
+    known = {f.name for f in dataclasses.fields(m.options)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        valid = ", ".join(sorted(known)) or "none"
+        raise DecompositionError(f"method {method!r} has no option {', '.join(unknown)}; its options are: {valid}")
+    return m.options(**options)
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's scaling of the LoRA update: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def check_weight(W: torch.Tensor, rank: int, name: str = "weight") -> None:
+    """Refuse a weight that no method can decompose at this rank; names the tensor."""
+    if W.ndim != 2:
+        raise DecompositionError(f"{name}: expected a 2-D weight, got shape {tuple(W.shape)}")
+    if not (W.is_floating_point()):
+        raise DecompositionError(
+            f"{name}: dtype {W.dtype} is not a float weight (already quantized?); "
+            "give the unquantized fp32/bf16/fp16 checkpoint"
+        )
+    if rank <= 0:
+        raise DecompositionError(f"{name}: rank must be > 0, got {rank}")
+    if rank > min(W.shape):
+        raise DecompositionError(
+            f"{name}: rank {rank} exceeds min(out, in) = {min(W.shape)} for shape {tuple(W.shape)}; "
+            "lower --rank or override it for this layer with a rank pattern"
+        )
+    if not torch.isfinite(W).all():
+        bad = (~torch.isfinite(W)).sum().item()
+        raise DecompositionError(f"{name}: contains {bad} NaN/Inf values; fix or re-export the checkpoint")
+
+
+def decompose(
+    W: torch.Tensor,
+    method: str = "pissa",
+    rank: int = 16,
+    *,
+    scale: float = 1.0,
+    options: dict | None = None,
+    seed: int = 0,
+    adapter_dtype: torch.dtype = torch.float32,
+    residual_dtype: torch.dtype | None = None,
+    name: str = "weight",
+) -> Factors:
+    """Split W (out, in) into adapter factors and a frozen residual with `method`.
+
+    `scale` is the PEFT scaling the adapter will run with (see `lora_scale`). The residual keeps
+    W's dtype unless `residual_dtype` is given. Raises DecompositionError naming `name`.
+    """
+    m = get_method(method)
+    opts = make_options(method, options)
+    check_weight(W, rank, name)
+    if scale <= 0:
+        raise DecompositionError(f"{name}: scale must be > 0, got {scale}")
+    residual_dtype = residual_dtype or W.dtype
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    W32 = W.detach().to(torch.float32)  # (out, in)
+    B, A, info = m.fn(W32, rank, opts, generator)  # (out, r), (r, in)
+    if m.extracts:
+        root = math.sqrt(scale)
+        B, A = B / root, A / root  # scale * B @ A is unchanged
+    A = A.to(adapter_dtype).contiguous()  # (r, in)
+    B = B.to(adapter_dtype).contiguous()  # (out, r)
+    # The residual is taken against the factors as stored, so the cast of A and B costs nothing.
+    update = scale * (B.to(torch.float32) @ A.to(torch.float32))  # (out, in)
+    residual = (W32 - update).to(residual_dtype)  # (out, in)
+    error = (residual.to(torch.float32) + update - W32).abs()  # (out, in), after the storage cast
+    info = {
+        "method": method,
+        "rank": rank,
+        "scale": scale,
+        "shape": list(W.shape),
+        "recon_max_abs_err": error.max().item(),
+        "recon_rel_fro_err": (error.norm() / W32.norm().clamp_min(1e-30)).item(),
+        "residual_fro": residual.to(torch.float32).norm().item(),
+        **info,
+    }
+    return Factors(A=A, B=B, residual=residual, info=info)

@@ -1,0 +1,72 @@
+"""`pissa init` as a library call: load a model, decompose its targeted layers in memory, and
+write the two stock artefacts plus the manifest, atomically:
+
+    OUT/residual/   HF model folder with W_res in place of each targeted W (AutoModel* loads it)
+    OUT/adapter/    PEFT LoRA adapter holding A and B (PeftModel.from_pretrained loads it)
+    OUT/pissa.json  method, options, seed, versions, per-layer reconstruction error
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adapters import PissaConfig, init_model, residual_state_dict
+from .checkpoint.atomic import atomic_output_dir, check_output_dir, dir_size
+from .manifest import build_manifest, write_manifest
+from .models import load_model
+
+RESIDUAL_DIR = "residual"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class InitResult:
+    out: Path
+    manifest: dict
+    trainable_params: int
+    seconds: float
+
+    def sizes(self) -> dict[str, int]:
+        return {name: dir_size(self.out / name) for name in (RESIDUAL_DIR, ADAPTER_DIR, "pissa.json")}
+
+
+def run_init(
+    model: str,
+    config: PissaConfig,
+    out: str | Path,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> InitResult:
+    """Initialise `model` with `config` and write OUT/{residual,adapter,pissa.json}.
+
+    `progress(done, total, layer_name)` lets a caller drive a progress bar.
+    """
+    start = time.perf_counter()
+    out = check_output_dir(out, overwrite)  # fail before the (slow) load, not after
+    base, tokenizer, path = load_model(model, dtype, trust_remote_code)
+    peft_model, layers = init_model(base, config, progress)
+    trainable = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
+    # AutoPeftModel* finds the residual through this path once the folder is renamed into place.
+    peft_model.peft_config["default"].base_model_name_or_path = str((out / RESIDUAL_DIR).resolve())
+    with atomic_output_dir(out, overwrite) as tmp:
+        peft_model.save_pretrained(tmp / ADAPTER_DIR)
+        residual = residual_state_dict(peft_model)
+        peft_model.get_base_model().save_pretrained(tmp / RESIDUAL_DIR, state_dict=residual)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / RESIDUAL_DIR)
+            tokenizer.save_pretrained(tmp / ADAPTER_DIR)
+        manifest = build_manifest(
+            source=str(model),
+            config=config.to_dict(),
+            layers=layers,
+            resolved_path=path,
+            residual_dtype=str(next(iter(residual.values())).dtype).removeprefix("torch."),
+            trainable_params=trainable,
+        )
+        write_manifest(tmp, manifest)
+    return InitResult(out=out, manifest=manifest, trainable_params=trainable, seconds=time.perf_counter() - start)
