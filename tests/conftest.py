@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny models built from a config (no download), and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def build_tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer Llama (hidden 64) with seeded random weights, in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+@pytest.fixture
+def make_tiny_llama():
+    """Factory fixture: make_tiny_llama(seed=0, **config_overrides)."""
+    return build_tiny_llama
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_tiny_llama()
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path, tiny_llama):
+    """The tiny Llama saved as a safetensors HF folder."""
+    path = tmp_path / "tiny-llama"
+    tiny_llama.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The embedded SmolLM2-135M-Instruct as a cached safetensors folder (converted on first use)."""
+    from pissa.embedded import resolve_embedded
+
+    return resolve_embedded("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    """SmolLM2's real tokenizer (with chat template), for tests that need real text handling."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
