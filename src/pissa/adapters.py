@@ -191,25 +191,30 @@ def init_model(
     return peft_model, report
 
 
-@torch.no_grad()
-def init_layer_(layer, name: str, config: PissaConfig) -> dict:
-    """Decompose one PEFT LoRA layer's base weight in place; returns its info."""
-    start = time.perf_counter()
-    base = layer.get_base_layer()
-    transposed = is_conv1d(base)
-    factors = decompose(
-        base_weight(base),
+def decompose_weight(W: torch.Tensor, name: str, config: PissaConfig, rank: int, scale: float):
+    """Decompose one layer's (out, in) weight per `config`: the single per-tensor entry point
+    shared by the in-memory and streaming paths, so both give the same tensors."""
+    return decompose(
+        W,
         config.method,
-        layer.r[ADAPTER_NAME],
-        scale=layer.scaling[ADAPTER_NAME],
+        rank,
+        scale=scale,
         options=config.options,
         seed=layer_seed(config.seed, name),
         adapter_dtype=parse_dtype(config.adapter_dtype),
         name=f"{name}.weight",
     )
+
+
+@torch.no_grad()
+def init_layer_(layer, name: str, config: PissaConfig) -> dict:
+    """Decompose one PEFT LoRA layer's base weight in place; returns its info."""
+    start = time.perf_counter()
+    base = layer.get_base_layer()
+    factors = decompose_weight(base_weight(base), name, config, layer.r[ADAPTER_NAME], layer.scaling[ADAPTER_NAME])
     layer.lora_A[ADAPTER_NAME].weight.data = factors.A  # (r, in)
     layer.lora_B[ADAPTER_NAME].weight.data = factors.B  # (out, r)
-    base.weight.data = factors.residual.T.contiguous() if transposed else factors.residual
+    base.weight.data = factors.residual.T.contiguous() if is_conv1d(base) else factors.residual
     return {**factors.info, "seconds": time.perf_counter() - start}
 
 
