@@ -9,7 +9,6 @@ transposed (in, out); they are decomposed as W.T and written back transposed.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field

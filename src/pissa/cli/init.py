@@ -33,7 +33,7 @@ def init_command(
     use_rslora: bool = typer.Option(False, "--rslora", help=H["use_rslora"]),
     seed: int = typer.Option(0, "--seed", help=H["seed"]),
     adapter_dtype: str = typer.Option("float32", "--adapter-dtype", help=H["adapter_dtype"]),
-    dtype: str = typer.Option("auto", "--dtype", help="Load/residual dtype: auto (the checkpoint's), bf16, fp16, fp32."),
+    dtype: str = typer.Option("auto", "--dtype", help="Load and residual dtype: auto (as stored), bf16, fp16, fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
 ):
