@@ -4,7 +4,7 @@ Importing the method modules fills the registry; add a method by registering it 
 and importing that file here.
 """
 
-from . import lora, svd  # noqa: F401  (registers methods)
+from . import cur, lora, robust, svd  # noqa: F401  (registers methods)
 from .base import (
     METHODS,
     DecompositionError,
