@@ -2,8 +2,14 @@
 
 Targets are matched with PEFT's own matcher, so the set we decompose is exactly the set PEFT
 wraps. Each targeted weight W is decomposed in fp32 (see `pissa.decompose`); A and B go into the
-LoRA layers, the residual replaces the base weight. GPT-2 style Conv1D weights are stored
-transposed (in, out); they are decomposed as W.T and written back transposed.
+LoRA layers, the residual replaces the base weight. Each supported module type has a 2-D
+(out, in) view of its weight (`base_weight`) and writers back (`set_base_weight_`, `set_factors_`):
+- GPT-2 style Conv1D weights are stored transposed (in, out): decomposed as W.T, written back transposed.
+- nn.Conv2d kernels (out, in, kh, kw) are decomposed as (out, in*kh*kw); PEFT's conv LoRA is
+  lora_A = Conv2d(in, r, k) with weight A.reshape(r, in, kh, kw), lora_B = Conv2d(r, out, 1) with
+  weight B (out, r, 1, 1), so its update is exactly B @ A reshaped to the kernel.
+- nn.Embedding weights are (num, dim) and PEFT's update is (B @ A).T with lora_embedding_A
+  (r, num) and lora_embedding_B (dim, r): decomposed as W.T (dim, num).
 """
 
 from __future__ import annotations
@@ -109,7 +115,8 @@ def lora_config(config: PissaConfig, model: nn.Module, matched: list[str]):
         use_rslora=config.use_rslora,
         fan_in_fan_out=any(is_conv1d(modules[n]) for n in matched),
         init_lora_weights=True,
-        task_type="CAUSAL_LM" if is_causal_lm(model.config) else None,
+        # plain nn.Modules (a small CNN) have no HF config and get no task type
+        task_type="CAUSAL_LM" if hasattr(model, "config") and is_causal_lm(model.config) else None,
     )
 
 
@@ -128,20 +135,22 @@ def resolve_targets(model: nn.Module, config: PissaConfig) -> dict[str, int]:
             f"no module matches targets {targets!r}; linear layers in this model are named: "
             f"{', '.join(default_targets(model))}"
         )
-    unsupported = [n for n in matched if not (isinstance(modules[n], nn.Linear) or is_conv1d(modules[n]))]
+    unsupported = [n for n in matched if not is_supported(modules[n])]
     if unsupported:
         kinds = sorted({type(modules[n]).__name__ for n in unsupported})
         raise PissaError(
-            f"targets match {len(unsupported)} modules that are not linear layers ({', '.join(kinds)}), "
-            f"e.g. {unsupported[0]}; narrow --targets to linear layers"
+            f"targets match {len(unsupported)} modules that are not linear, Conv2d or Embedding layers "
+            f"({', '.join(kinds)}), e.g. {unsupported[0]}; narrow --targets to supported layers"
         )
+    for n in matched:
+        check_module(model, n, modules[n])
     # PEFT's own pattern lookup, so our ranks are the ones PEFT gives each layer.
     return {n: config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), n), config.rank)
             for n in matched}
 
 
 def check_not_quantized(model: nn.Module) -> None:
-    quant = getattr(model, "hf_quantizer", None) or getattr(model.config, "quantization_config", None)
+    quant = getattr(model, "hf_quantizer", None) or getattr(getattr(model, "config", None), "quantization_config", None)
     if quant is not None:
         raise PissaError(
             "the model's weights are already quantized; PiSSA needs the full-precision weights. Load the "
@@ -149,9 +158,56 @@ def check_not_quantized(model: nn.Module) -> None:
         )
 
 
+def is_supported(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or is_conv1d(module)
+
+
+def check_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Refuse Conv2d and Embedding variants whose PEFT LoRA layer could not reproduce the output."""
+    if isinstance(module, nn.Conv2d):
+        # PEFT's lora_A conv copies kernel, stride and padding only, and B's 1x1 conv is grouped.
+        bad = {"groups": (module.groups, 1), "dilation": (module.dilation, (1, 1)),
+               "padding_mode": (module.padding_mode, "zeros")}
+        for key, (value, ok) in bad.items():
+            if value != ok:
+                raise PissaError(
+                    f"{name}: Conv2d with {key}={value!r} is not supported by PiSSA init (only {key}={ok!r}: "
+                    "the kernel is decomposed as one (out, in*kh*kw) matrix); leave this layer out of --targets"
+                )
+    head = output_head(model)
+    if isinstance(module, nn.Embedding) and head is not None and head.weight is module.weight:
+        raise PissaError(
+            f"{name}: this embedding is tied to the output head (tie_word_embeddings), so replacing it by "
+            "its residual would change the head too; leave it out of --targets or untie the weights first"
+        )
+
+
 def base_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of a linear or Conv1D layer."""
-    return module.weight.T if is_conv1d(module) else module.weight
+    """The 2-D (out, in) view of a supported layer's weight, in PEFT's orientation of B @ A."""
+    if is_conv1d(module) or isinstance(module, nn.Embedding):
+        return module.weight.T  # Conv1D (in, out), Embedding (num, dim) -> (dim, num)
+    if isinstance(module, nn.Conv2d):
+        return module.weight.flatten(1)  # (out, in*kh*kw)
+    return module.weight
+
+
+def set_base_weight_(module: nn.Module, W: torch.Tensor) -> None:
+    """Write a 2-D (out, in) weight back into `module` in its own layout (inverse of base_weight)."""
+    if is_conv1d(module) or isinstance(module, nn.Embedding):
+        module.weight.data = W.T.contiguous()
+    else:
+        module.weight.data = W.reshape(module.weight.shape).contiguous()  # Conv2d: (out, in, kh, kw)
+
+
+def set_factors_(layer, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Write A (r, in) and B (out, r) into a PEFT LoRA layer in its layout (Linear, Conv2d, Embedding)."""
+    if ADAPTER_NAME in getattr(layer, "lora_embedding_A", {}):
+        layer.lora_embedding_A[ADAPTER_NAME].data = A  # (r, num)
+        layer.lora_embedding_B[ADAPTER_NAME].data = B  # (dim, r)
+        return
+    lora_A, lora_B = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
+    lora_A.weight.data = A.reshape(lora_A.weight.shape)  # (r, in) or conv (r, in, kh, kw)
+    lora_B.weight.data = B.reshape(lora_B.weight.shape)  # (out, r) or conv (out, r, 1, 1)
 
 
 def check_targets(model: nn.Module, ranks: dict[str, int]) -> None:
@@ -211,9 +267,8 @@ def init_layer_(layer, name: str, config: PissaConfig) -> dict:
     start = time.perf_counter()
     base = layer.get_base_layer()
     factors = decompose_weight(base_weight(base), name, config, layer.r[ADAPTER_NAME], layer.scaling[ADAPTER_NAME])
-    layer.lora_A[ADAPTER_NAME].weight.data = factors.A  # (r, in)
-    layer.lora_B[ADAPTER_NAME].weight.data = factors.B  # (out, r)
-    base.weight.data = factors.residual.T.contiguous() if is_conv1d(base) else factors.residual
+    set_factors_(layer, factors.A, factors.B)  # A (r, in), B (out, r)
+    set_base_weight_(base, factors.residual)
     return {**factors.info, "seconds": time.perf_counter() - start}
 
 
