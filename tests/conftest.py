@@ -74,3 +74,37 @@ def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+STOCK_SCRIPT = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+base, adapter, tokens_path, out_path = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+if adapter != "-":
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, adapter)
+model.eval()
+with torch.no_grad():
+    logits = model(torch.load(tokens_path, weights_only=True)).logits
+assert "pissa" not in sys.modules, "stock loading imported pissa"
+torch.save(logits, out_path)
+"""
+
+
+@pytest.fixture
+def stock_logits(tmp_path):
+    """stock_logits(base_dir, adapter_dir_or_None, tokens): logits computed in a fresh process that
+    loads the folders with stock transformers + PEFT only (it asserts pissa was never imported)."""
+    import subprocess
+    import sys
+
+    def run(base, adapter, tokens):
+        tokens_path, out_path = tmp_path / "stock_tokens.pt", tmp_path / "stock_logits.pt"
+        torch.save(tokens, tokens_path)
+        cmd = [sys.executable, "-c", STOCK_SCRIPT, str(base), str(adapter or "-"), str(tokens_path), str(out_path)]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(out_path, weights_only=True)
+
+    return run

@@ -8,15 +8,18 @@ write the two stock artefacts plus the manifest, atomically:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .adapters import PissaConfig, init_model, residual_state_dict
+from .checkpoint.adapter_io import CONFIG_FILE
 from .checkpoint.atomic import atomic_output_dir, check_output_dir, dir_size
 from .manifest import build_manifest, write_manifest
 from .models import load_model
+from .quant.config import record_into_
 
 RESIDUAL_DIR = "residual"
 ADAPTER_DIR = "adapter"
@@ -31,6 +34,14 @@ class InitResult:
 
     def sizes(self) -> dict[str, int]:
         return {name: dir_size(self.out / name) for name in (RESIDUAL_DIR, ADAPTER_DIR, "pissa.json")}
+
+
+def point_adapter_at(adapter_dir: Path, base: Path) -> None:
+    """Set the adapter's base_model_name_or_path (read by AutoPeftModel*) to `base`."""
+    path = adapter_dir / CONFIG_FILE
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str(base)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def run_init(
@@ -50,11 +61,13 @@ def run_init(
     out = check_output_dir(out, overwrite)  # fail before the (slow) load, not after
     base, tokenizer, path = load_model(model, dtype, trust_remote_code)
     peft_model, layers = init_model(base, config, progress)
+    # QPiSSA: the loader settings that reproduce the fitted quantization (None without --quantize).
+    quantization = record_into_(peft_model.get_base_model().config, config, layers)
     trainable = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
-    # AutoPeftModel* finds the residual through this path once the folder is renamed into place.
-    peft_model.peft_config["default"].base_model_name_or_path = str((out / RESIDUAL_DIR).resolve())
     with atomic_output_dir(out, overwrite) as tmp:
         peft_model.save_pretrained(tmp / ADAPTER_DIR)
+        # AutoPeftModel* finds the residual through this path once the folder is renamed into place.
+        point_adapter_at(tmp / ADAPTER_DIR, (out / RESIDUAL_DIR).resolve())
         residual = residual_state_dict(peft_model)
         peft_model.get_base_model().save_pretrained(tmp / RESIDUAL_DIR, state_dict=residual)
         if tokenizer is not None:
@@ -67,6 +80,7 @@ def run_init(
             resolved_path=path,
             residual_dtype=str(next(iter(residual.values())).dtype).removeprefix("torch."),
             trainable_params=trainable,
+            quantization=quantization,
         )
         write_manifest(tmp, manifest)
     return InitResult(out=out, manifest=manifest, trainable_params=trainable, seconds=time.perf_counter() - start)

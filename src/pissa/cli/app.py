@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -89,3 +92,7 @@ def parse_key_values(pairs: list[str], flag: str) -> dict:
 @app.callback()
 def _root() -> None:
     """PiSSA fine-tuning: principal-singular-value adapter init, QPiSSA, conversion to LoRA."""
+    # Our own progress bars replace transformers' per-file ones; bitsandbytes' CPU-kernel notice is noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
