@@ -1,0 +1,301 @@
+"""PiSSA -> LoRA conversion (paper appendix C, eqs. 9-10) and compression back to a lower rank.
+
+Pure state-dict arithmetic on adapter files: no model is loaded, so nothing needs gathering
+under ZeRO-3 or FSDP.
+
+PEFT orientation: lora_A is (r, in), lora_B is (out, r), the update is `scale * B @ A`, with
+scale = alpha / r (or alpha / sqrt(r) with rsLoRA). The init folder holds the initial A, B
+(scale s_i). Training moved them to A', B' (scale s_t). The residual is W_res = W - s_i·B@A, so
+on the original W the trained model adds
+
+    ΔW = s_t·B'A' - s_i·BA = s_out · [B'·s_t/s_out | -B·s_i/s_out] @ [A'; A]     (rank 2r)
+
+s_out is the scale PEFT gives the written 2r adapter. We write lora_alpha = 2·alpha, so
+s_out = s_t for plain LoRA and the factors are copied bit for bit. With rsLoRA, doubling the
+rank changes the scale by sqrt(2): the ratio is folded into B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint.adapter_io import KEY_PREFIX, lora_pairs, read_adapter, write_adapter
+from .checkpoint.atomic import atomic_output_dir, check_output_dir, dir_size
+from .errors import PissaError
+from .manifest import read_manifest
+
+INIT_ADAPTER_DIR = "adapter"  # initialize.ADAPTER_DIR; not imported so that this module stays light
+CONVERSION_FILE = "conversion.json"
+# Below this median per-layer cosine between the trained and the initial factors, the trained
+# adapter did not start from this init (unrelated factors give ~0; fine-tuning keeps it near 1).
+MIN_INIT_SIMILARITY = 0.5
+# Config fields that describe how an adapter was initialised or trained, not how it is applied;
+# reset so that the output is a plain LoRA that any PEFT consumer (vLLM, load_adapter) accepts.
+PLAIN_LORA_FIELDS = {"init_lora_weights": True, "loftq_config": {}, "corda_config": None, "eva_config": None,
+                     "lora_ga_config": None, "inference_mode": True}
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    rank: int | None  # None: exact conversion at 2r per layer
+    layers: dict[str, dict]  # module -> {rank_in, rank_out, delta_fro, err_fro, rel_err, init_similarity}
+    seconds: float
+    config: dict = field(repr=False)
+
+    @property
+    def max_rel_err(self) -> float:
+        return max((info["rel_err"] for info in self.layers.values()), default=0.0)
+
+    def size(self) -> int:
+        return dir_size(self.out)
+
+
+# --- per-layer rank, alpha and scale, exactly as PEFT resolves them ----------------------------
+
+def layer_rank_alpha(config: dict, module: str) -> tuple[int, float]:
+    """(r, alpha) that PEFT gives `module` under an adapter_config dict (rank/alpha patterns included)."""
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config["r"])
+    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config["lora_alpha"])
+    return int(r), float(alpha)
+
+
+def layer_scale(config: dict, module: str) -> float:
+    """The factor PEFT multiplies `B @ A` by for `module`: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+    r, alpha = layer_rank_alpha(config, module)
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+# --- reading and checking the inputs ----------------------------------------------------------
+
+def read_lora_adapter(folder: str | Path, role: str) -> tuple[dict, dict, dict]:
+    """(config, lora pairs, other tensors) of a PEFT LoRA adapter folder; refuses what we cannot convert."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PissaError(f"{role} {folder} does not exist; give the folder holding adapter_config.json")
+    if (folder / "pissa.json").exists() and not (folder / "adapter_config.json").exists():
+        raise PissaError(f"{folder} is a `pissa init` folder, not an adapter; give its trained adapter as {role}")
+    config, state = read_adapter(folder)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise PissaError(f"{role} {folder} is a {config['peft_type']} adapter; only LoRA adapters can be converted")
+    if config.get("use_dora"):
+        raise PissaError(f"{role} {folder} uses DoRA; its magnitude vectors have no LoRA equivalent")
+    unsupported = [k for k in state if ".lora_" in k and not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if unsupported:
+        raise PissaError(f"{role} {folder} holds {unsupported[0]}; only lora_A/lora_B of linear layers are supported")
+    pairs = lora_pairs(state)
+    if not pairs:
+        raise PissaError(f"{role} {folder} holds no lora_A/lora_B weights; is it a LoRA adapter?")
+    others = {k: v for k, v in state.items() if ".lora_" not in k}  # modules_to_save copies: apply as they are
+    return config, pairs, others
+
+
+def read_init(init_dir: str | Path) -> tuple[dict, dict, dict]:
+    """(manifest, initial adapter config, initial lora pairs) of a `pissa init` output folder."""
+    init_dir = Path(init_dir)
+    manifest = read_manifest(init_dir)
+    if manifest.get("kind") != "pissa-init":
+        raise PissaError(f"{init_dir}/pissa.json is a {manifest.get('kind')!r} manifest; give a `pissa init` folder")
+    config, pairs, _ = read_lora_adapter(init_dir / INIT_ADAPTER_DIR, "init adapter")
+    missing = sorted(set(manifest.get("layers", {})) ^ set(pairs))
+    if missing:
+        raise PissaError(f"{init_dir}: the initial adapter and pissa.json disagree about layer {missing[0]}; "
+                         "the init folder was modified, re-run `pissa init`")
+    return manifest, config, pairs
+
+
+def check_same_layers(trained: dict, init: dict, trained_dir: Path, init_dir: Path) -> None:
+    """Same modules, same ranks and shapes: otherwise the adapter was trained from another init."""
+    only_trained, only_init = sorted(set(trained) - set(init)), sorted(set(init) - set(trained))
+    if only_trained or only_init:
+        which = f"{only_trained[0]} is only in the trained adapter" if only_trained else \
+            f"{only_init[0]} is only in the init folder"
+        raise PissaError(f"targets differ: {which} ({len(only_trained)} + {len(only_init)} layers differ); "
+                         f"{trained_dir} was not trained from {init_dir}, give the matching --init folder")
+    for module, (A1, B1) in trained.items():
+        A0, B0 = init[module]
+        if A1.shape != A0.shape or B1.shape != B0.shape:
+            raise PissaError(
+                f"layer {module}: trained A {tuple(A1.shape)}, B {tuple(B1.shape)} but init A {tuple(A0.shape)}, "
+                f"B {tuple(B0.shape)} (different rank or model); give the --init folder it was trained from"
+            )
+
+
+def check_config_ranks(config: dict, pairs: dict, folder: Path) -> None:
+    """The ranks the config gives each layer must be the ranks of its weights, or PEFT cannot load it."""
+    for module, (A, _) in pairs.items():
+        r = layer_rank_alpha(config, module)[0]
+        if r != A.shape[0]:
+            raise PissaError(f"{folder}: adapter_config.json gives layer {module} rank {r} but its lora_A has rank "
+                             f"{A.shape[0]}; the adapter folder is inconsistent, re-save it")
+
+
+def init_similarity(trained: tuple[torch.Tensor, torch.Tensor], init: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Cosine between the trained and initial (A, B) of one layer, as one flattened vector each."""
+    x = torch.cat([t.float().flatten() for t in trained])  # (r·in + out·r,)
+    y = torch.cat([t.float().flatten() for t in init])  # (r·in + out·r,)
+    denom = x.norm() * y.norm()
+    return float(x @ y / denom) if denom > 0 else 0.0
+
+
+def check_init_match(similarity: dict[str, float], trained_dir: Path, init_dir: Path) -> None:
+    median = statistics.median(similarity.values())
+    if median < MIN_INIT_SIMILARITY:
+        raise PissaError(
+            f"{trained_dir} does not look trained from {init_dir}: its factors are unrelated to the initial "
+            f"PiSSA factors (median cosine {median:.2f} < {MIN_INIT_SIMILARITY}). Give the init folder it was "
+            "trained from; a plain LoRA adapter needs no conversion. If you are sure, pass --no-init-check"
+        )
+
+
+def check_compress_rank(rank: int, trained: dict) -> None:
+    if rank <= 0:
+        raise PissaError(f"--rank must be > 0, got {rank}")
+    for module, (A, B) in trained.items():
+        limit = min(2 * A.shape[0], A.shape[1], B.shape[0])
+        if rank > limit:
+            raise PissaError(f"--rank {rank} is larger than the converted rank of layer {module} ({limit} = "
+                             f"min(2r, in, out)); choose --rank <= {limit}, or omit it for the exact 2r adapter")
+
+
+def base_model_of(manifest: dict) -> str:
+    """The original model the converted adapter applies to (a loadable path for embedded models)."""
+    from .embedded import is_embedded
+
+    source = manifest.get("source_model", "")
+    resolved = manifest.get("resolved_path")
+    if resolved and (is_embedded(source) or Path(resolved).exists()):
+        return str(Path(resolved).resolve()) if Path(resolved).exists() else resolved
+    return source
+
+
+# --- the arithmetic ---------------------------------------------------------------------------
+
+def scaled(t: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
+    """`factor * t` in `dtype`, computed in fp32; factor 1 is an exact copy."""
+    return t.to(dtype) if factor == 1.0 else (t.float() * factor).to(dtype)
+
+
+def stack_2r(trained, init, s_t: float, s_i: float, s_out: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-2r factors with s_out · B2 @ A2 = s_t·B'A' - s_i·BA."""
+    (A1, B1), (A0, B0) = trained, init
+    dtype = A1.dtype
+    A2 = torch.cat([A1, A0.to(dtype)], dim=0)  # (2r, in)
+    B2 = torch.cat([scaled(B1, s_t / s_out, dtype), scaled(B0, -s_i / s_out, dtype)], dim=1)  # (out, 2r)
+    return A2, B2
+
+
+def delta_fro(A2: torch.Tensor, B2: torch.Tensor, scale: float) -> float:
+    """‖scale·B2@A2‖_F without the dense product: trace((B2ᵀB2)(A2A2ᵀ)) on (2r, 2r) Gram matrices."""
+    A, B = A2.double(), B2.double()
+    sq = torch.sum((B.T @ B) * (A @ A.T))  # = ‖B@A‖_F², both Grams (2r, 2r) and symmetric
+    return abs(scale) * float(sq.clamp_min(0).sqrt())
+
+
+def truncate(A2: torch.Tensor, B2: torch.Tensor, scale: float, rank: int, s_out: float):
+    """Best rank-`rank` approximation of ΔW = scale·B2@A2, never forming the dense ΔW.
+
+    Returns (A (k, in), B (out, k), info) with s_out·B@A = the truncated ΔW (Eckart-Young).
+    """
+    Qb, Rb = torch.linalg.qr(B2.double() * scale)  # Qb (out, 2r) orthonormal, Rb (2r, 2r)
+    Qa, Ra = torch.linalg.qr(A2.double().T)  # Qa (in, 2r) orthonormal, Ra (2r, 2r)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)  # ΔW = Qb (U S Vh) Qaᵀ; the small core is (2r, 2r)
+    root = (S[:rank] / s_out).sqrt()  # (k,), split evenly between the two factors
+    B = (Qb @ U[:, :rank]) * root  # (out, k)
+    A = root[:, None] * (Vh[:rank] @ Qa.T)  # (k, in)
+    total, tail = float(S.square().sum()), float(S[rank:].square().sum())
+    info = {"delta_fro": math.sqrt(total), "err_fro": math.sqrt(tail),
+            "rel_err": math.sqrt(tail / total) if total > 0 else 0.0,
+            "sigma_kept": float(S[rank - 1]), "sigma_next": float(S[rank]) if rank < len(S) else 0.0}
+    return A.to(A2.dtype), B.to(B2.dtype), info
+
+
+# --- the output config --------------------------------------------------------------------------
+
+def lora_config_2r(trained_config: dict, base_model: str) -> dict:
+    """The plain-LoRA config of the 2r adapter: every rank and alpha doubled (so plain LoRA keeps its scale)."""
+    config = {k: v for k, v in trained_config.items() if not k.lower().startswith("pissa")}
+    config.update(PLAIN_LORA_FIELDS)
+    config.update(
+        base_model_name_or_path=base_model,
+        r=2 * trained_config["r"],
+        lora_alpha=2 * trained_config["lora_alpha"],
+        rank_pattern={k: 2 * v for k, v in (trained_config.get("rank_pattern") or {}).items()},
+        alpha_pattern={k: 2 * v for k, v in (trained_config.get("alpha_pattern") or {}).items()},
+    )
+    return config
+
+
+def lora_config_compressed(config_2r: dict, rank: int) -> dict:
+    """One rank and alpha = rank for every layer; the factors carry each layer's own scale."""
+    return {**config_2r, "r": rank, "lora_alpha": rank, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+# --- the entry point ----------------------------------------------------------------------------
+
+def convert_to_lora(
+    trained_dir: str | Path,
+    init_dir: str | Path,
+    out: str | Path,
+    rank: int | None = None,
+    overwrite: bool = False,
+    check_init: bool = True,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> ConvertResult:
+    """Rewrite a trained PiSSA adapter as a LoRA adapter on the original model, written to `out`.
+
+    rank=None gives the exact rank-2r adapter; an int truncates each layer's ΔW to that rank
+    (best approximation) and reports its error. `check_init=False` skips the test that the
+    trained factors started from `init_dir`'s. Nothing is written unless everything succeeds.
+    """
+    start = time.perf_counter()
+    trained_dir, init_dir = Path(trained_dir), Path(init_dir)
+    out = check_output_dir(out, overwrite)
+    manifest, init_config, init = read_init(init_dir)
+    trained_config, trained, others = read_lora_adapter(trained_dir, "trained adapter")
+    check_config_ranks(trained_config, trained, trained_dir)
+    check_same_layers(trained, init, trained_dir, init_dir)
+    similarity = {m: init_similarity(trained[m], init[m]) for m in trained}
+    if check_init:
+        check_init_match(similarity, trained_dir, init_dir)
+    if rank is not None:
+        check_compress_rank(rank, trained)
+
+    config = lora_config_2r(trained_config, base_model_of(manifest))
+    if rank is not None:
+        config = lora_config_compressed(config, rank)
+    state, layers = {}, {}
+    for done, module in enumerate(sorted(trained), 1):
+        s_t, s_i, s_out = layer_scale(trained_config, module), layer_scale(init_config, module), \
+            layer_scale(config, module)
+        A2, B2 = stack_2r(trained[module], init[module], s_t, s_i, s_out)
+        r = trained[module][0].shape[0]
+        if rank is None:
+            A, B = A2, B2
+            info = {"delta_fro": delta_fro(A2, B2, s_out), "err_fro": 0.0, "rel_err": 0.0}
+        else:
+            A, B, info = truncate(A2, B2, s_out, rank, s_out)
+        layers[module] = {"rank_in": r, "rank_out": A.shape[0], **info, "init_similarity": similarity[module]}
+        state[f"{KEY_PREFIX}{module}.lora_A.weight"] = A  # (r_out, in)
+        state[f"{KEY_PREFIX}{module}.lora_B.weight"] = B  # (out, r_out)
+        if progress:
+            progress(done, len(trained), module)
+    state.update(others)
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_adapter(tmp, config, state)
+        record = {"kind": "pissa-convert", "trained_adapter": str(trained_dir.resolve()),
+                  "init": str(init_dir.resolve()), "rank": rank, "layers": layers}
+        (tmp / CONVERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return ConvertResult(out=out, rank=rank, layers=layers, seconds=time.perf_counter() - start, config=config)
