@@ -31,6 +31,7 @@ class Target:
     rank: int
     scale: float
     kind: str  # linear | conv1d | embedding | conv2d: how the stored tensor maps to (out, in)
+    save_base: bool = False  # PEFT also saves a targeted embedding's base weight in the adapter
 
     def matrix(self, W: torch.Tensor) -> torch.Tensor:
         """The stored weight as the (out, in) matrix PEFT's B @ A updates (as adapters.base_weight)."""
@@ -52,6 +53,25 @@ class Target:
             A = A.reshape(A.shape[0], *shape[1:])  # (r, in, kh, kw)
             B = B.reshape(*B.shape, 1, 1)  # (out, r, 1, 1)
         return {f"{self.module}.lora_A.weight": A, f"{self.module}.lora_B.weight": B}
+
+
+def embeddings_saved(model, lora, ranks: dict[str, int]) -> set[str]:
+    """Targeted input/output embeddings whose base weight PEFT's save_pretrained puts in the adapter
+    (peft.utils.save_and_load: save_embedding_layers="auto" turns on when an embedding is targeted)."""
+    import re
+
+    from peft.utils.other import EMBEDDING_LAYER_NAMES, match_target_against_key
+
+    targets = lora.target_modules
+    if isinstance(targets, str):
+        targeted = any(match_target_against_key(targets, n) for n, _ in model.named_modules()
+                       if any(re.match(rf"(.*\.)?{e}$", n) for e in EMBEDDING_LAYER_NAMES))
+    else:
+        targeted = any(e in (targets or ()) for e in EMBEDDING_LAYER_NAMES)
+    if not targeted:
+        return set()
+    layers = {id(m) for m in (model.get_input_embeddings(), output_head(model)) if m is not None}
+    return {n for n, m in model.named_modules() if id(m) in layers and n in ranks}
 
 
 def module_kind(module) -> str:
@@ -136,6 +156,8 @@ def make_plan(folder: str | Path, config: PissaConfig, trust_remote_code: bool =
     ranks = resolve_targets(model, config)
     check_tied(model, ranks)
     modules = dict(model.named_modules())
+    lora = lora_config(config, model, list(ranks))
+    save_base = embeddings_saved(model, lora, ranks)
     targets = {}
     for name, rank in ranks.items():
         key = tensor_key(name, reader, getattr(model, "base_model_prefix", ""))
@@ -146,7 +168,8 @@ def make_plan(folder: str | Path, config: PissaConfig, trust_remote_code: bool =
                 "--in-memory"
             )
         module = modules[name]
-        target = Target(name, rank, lora_scale(config.alpha_for(rank), rank, config.use_rslora), module_kind(module))
+        scale = lora_scale(config.alpha_for(rank), rank, config.use_rslora)
+        target = Target(name, rank, scale, module_kind(module), name in save_base)
         check_entry(reader.entry(key), tuple(module.weight.shape), rank, target)
         targets[key] = target
-    return Plan(reader, targets, lora_config(config, model, list(ranks)), type(model))
+    return Plan(reader, targets, lora, type(model))

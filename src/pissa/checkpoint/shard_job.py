@@ -54,6 +54,8 @@ def decompose_target(stored: torch.Tensor, target: Target, config: PissaConfig, 
     f = decompose_weight(W, target.module, config, target.rank, target.scale)
     residual = target.stored(f.residual, stored.shape).cpu()
     factors = target.adapter_tensors(f.A.cpu(), f.B.cpu(), stored.shape)  # A (r, in), B (out, r)
+    if target.save_base:
+        factors[f"{target.module}.base_layer.weight"] = residual
     return residual, factors, {**f.info, "seconds": time.perf_counter() - start}
 
 

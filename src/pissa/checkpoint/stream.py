@@ -221,7 +221,7 @@ def write_adapter_folder(plan: Plan, work: Path, out: Path, order: list[str]) ->
     with ExitStack() as stack:
         parts = [stack.enter_context(safe_open(adapter_part(work, s), framework="pt")) for s in plan.reader.shards]
         where = {k: p for p in parts for k in p.keys()}
-        keys = [k for m in order for k in sorted(k for k in where if k.startswith(m + ".lora_"))]  # A, then B
+        keys = [k for m in order for k in sorted(k for k in where if k.startswith(m + "."))]  # (base,) A, B
         specs = [(KEY_PREFIX + k, where[k].get_slice(k).get_dtype(), tuple(where[k].get_slice(k).get_shape()))
                  for k in keys]
         with ShardWriter(folder / WEIGHTS_FILE, layout(specs), {"format": "pt"}) as w:
