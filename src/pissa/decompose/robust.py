@@ -2,9 +2,11 @@
 in the entrywise l1 norm, min ||W - B @ A||_1, instead of the Frobenius-optimal truncated SVD.
 
 The problem is NP-hard, so this is a local search that can only improve on the SVD:
-- every run starts from truncated-SVD factors (the top-r triplets, and `shifted_starts` more runs
-  from the triplets [s, s + r), which escape the SVD's basin: on the report's eq. 8 example the
-  SVD start is a stationary point of the l1 loss, the shift-1 start is the l1 optimum);
+- every run starts from truncated-SVD factors: the top-r triplets of W; `shifted_starts` more runs
+  from the triplets [s, s + r), which escape the SVD's basin (on the report's eq. 8 example the
+  SVD start is a stationary point of the l1 loss, the shift-1 start is the l1 optimum); and one
+  run from the top-r SVD of W with its entries clipped at `clip` x median |W|, a classic robust
+  start that ignores large outliers (which otherwise own the top singular triplets);
 - the l1 error is measured at every iterate and the best one is kept, the SVD itself included,
   so the result is never worse in l1 than the truncated SVD;
 - a run stops when the best l1 error improved by less than `tol` (relative) over `patience`
@@ -48,6 +50,8 @@ class RobustOptions:
     """Iterations the tolerance is measured over; None: 1 for irls, 25 for huber-gd."""
     shifted_starts: int = 1
     """Extra starts from the singular triplets [s, s + r) for s = 1..shifted_starts (0: SVD start only)."""
+    clip: float = 6.0
+    """Also start from the SVD of W clipped entrywise at clip x median |W| (0: no such start)."""
     lr: float = 0.01
     """huber-gd: Adam step size, relative to the RMS of the SVD factors."""
     delta: float = 0.01
@@ -66,6 +70,8 @@ class RobustOptions:
                 raise DecompositionError(f"robust option {key} must be >= 1 or None, got {value}")
         if self.shifted_starts < 0:
             raise DecompositionError(f"robust option shifted_starts must be >= 0, got {self.shifted_starts}")
+        if self.clip < 0:
+            raise DecompositionError(f"robust option clip must be >= 0 (0: off), got {self.clip}")
         for key in ("tol", "lr", "delta", "eps"):
             if not getattr(self, key) > 0:
                 raise DecompositionError(f"robust option {key} must be > 0, got {getattr(self, key)}")
@@ -83,18 +89,18 @@ def l1(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
 def weighted_ls(B: torch.Tensor, W: torch.Tensor, D: torch.Tensor, ridge: float) -> torch.Tensor:
     """argmin_A sum_ij D_ij (W - B @ A)_ij^2 for B (out, r), W and D (out, in): A (r, in).
 
-    Each column j is its own r x r system (B^T diag(D_j) B) a_j = B^T (D_j * w_j); columns are
-    solved in chunks so the (chunk, out, r) intermediate stays around 16M elements.
+    Each column j is its own r x r system (B^T diag(D_j) B) a_j = B^T (D_j * w_j). All the Gram
+    matrices come from one matmul D^T @ (b_o b_o^T)_o, solved in column chunks of ~16M elements.
     """
     out_dim, in_dim = W.shape
     r = B.shape[1]
-    chunk = max(1, (1 << 24) // max(1, out_dim * r))
+    outer = (B[:, :, None] * B[:, None, :]).reshape(out_dim, r * r)  # (out, r*r): b_o b_o^T per row
     eye = torch.eye(r, dtype=W.dtype, device=W.device) * ridge  # (r, r)
     rhs = B.T @ (D * W)  # (r, in)
+    chunk = max(1, (1 << 24) // (r * r))
     cols = []
     for j in range(0, in_dim, chunk):
-        Dc = D[:, j:j + chunk]  # (out, c)
-        G = torch.einsum("or,oc,os->crs", B, Dc, B) + eye  # (c, r, r)
+        G = (D[:, j:j + chunk].T @ outer).reshape(-1, r, r) + eye  # (c, r, r)
         cols.append(torch.linalg.solve(G, rhs[:, j:j + chunk].T.unsqueeze(-1)).squeeze(-1))  # (c, r)
     return torch.cat(cols).T  # (r, in)
 
@@ -132,6 +138,21 @@ def svd_start(U, S, Vh, start: int, rank: int) -> tuple[torch.Tensor, torch.Tens
     return U[:, start:start + rank] * root, root[:, None] * Vh[start:start + rank]  # (out, r), (r, in)
 
 
+def clipped_start(W: torch.Tensor, rank: int, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r SVD factors of W with entries clipped at clip x median |W| (outliers flattened)."""
+    bound = clip * W.abs().median().item()
+    U, S, Vh = torch.linalg.svd(W.clamp(-bound, bound), full_matrices=False)  # (out, k), (k,), (k, in)
+    return svd_start(U, S, Vh, 0, rank)
+
+
+def starts(W: torch.Tensor, rank: int, opts: RobustOptions, U, S, Vh):
+    """(label, B, A) of every start: the SVD, its shifts, and the clipped SVD."""
+    for s in range(0, min(opts.shifted_starts, S.numel() - rank) + 1):
+        yield s, *svd_start(U, S, Vh, s, rank)
+    if opts.clip > 0 and W.abs().median() > 0:  # a mostly-zero W has nothing to clip against
+        yield "clipped", *clipped_start(W, rank, opts.clip)
+
+
 def run_start(W, B, A, opts: RobustOptions, scale: float) -> tuple[float, torch.Tensor, torch.Tensor, int, bool]:
     """Run one solver from (B, A); returns (best l1, best B, best A, iterations, diverged)."""
     max_iter, patience = DEFAULTS[opts.solver]
@@ -162,8 +183,8 @@ def robust(W: torch.Tensor, rank: int, opts: RobustOptions, generator: torch.Gen
     scale = max(svd_l1 / W.numel(), 1e-30)  # mean |W - W_svd|: the unit of eps and delta
     best, B, A = svd_l1, B0, A0
     iterations, diverged, best_start = 0, [], None
-    for start in range(0, min(opts.shifted_starts, S.numel() - rank) + 1):
-        err, B_s, A_s, its, div = run_start(W, *svd_start(U, S, Vh, start, rank), opts, scale)
+    for start, B_s, A_s in starts(W, rank, opts, U, S, Vh):
+        err, B_s, A_s, its, div = run_start(W, B_s, A_s, opts, scale)
         iterations += its
         if div:
             diverged.append(start)
