@@ -1,0 +1,63 @@
+"""`pissa eval`: greedy generation, answer extraction, exact-match accuracy and perplexity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..adapters import fields_help
+from ..evaluate import EvalConfig
+from .app import app, console, layer_progress, summary_table, user_errors
+
+H = fields_help(EvalConfig)
+
+
+@app.command("eval")
+def eval_command(
+    run_or_model: str = typer.Argument(
+        ..., help="A `pissa init` folder, a training run or adapter folder, or a model (embedded name, folder, hub id)."
+    ),
+    data: str = typer.Option("arith", "--data", "-d", help="arith[:test|:train] (bundled, offline) or a JSONL file."),
+    task: str = typer.Option("gsm8k", "--task", help=H["task"]),
+    adapter: Path = typer.Option(None, "--adapter", "-a", help="A PEFT adapter folder to apply on the model."),
+    out: Path = typer.Option(None, "--out", "-o", help="Results folder (default RUN/eval/<data>-<task>)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help=H["max_new_tokens"]),
+    batch_size: int = typer.Option(8, "--batch-size", help=H["batch_size"]),
+    limit: int = typer.Option(None, "--limit", help=H["limit"]),
+    max_length: int = typer.Option(1024, "--max-length", help=H["max_length"]),
+    perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help=H["perplexity"]),
+    backend: str = typer.Option("auto", "--backend", help=H["backend"]),
+    dtype: str = typer.Option("auto", "--dtype", help="Load dtype: auto (as stored), bf16, fp16, fp32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing results folder."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
+):
+    """Evaluate a model or a fine-tuned adapter: accuracy (answer extraction + exact match) and perplexity.
+
+    Examples:
+
+      pissa eval smollm2-135m --data arith --limit 50 --max-new-tokens 128
+
+      pissa eval out/smol-r16 --data arith:test        # a `pissa init` folder: residual + adapter
+
+      pissa eval smollm2-135m --adapter runs/lora/adapter --data gsm8k_test.jsonl --task gsm8k
+
+      pissa eval ./my-model --data math_test.jsonl --task math --backend vllm
+    """
+    from ..evalrun import run_eval
+
+    with user_errors():
+        config = EvalConfig(task=task, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
+                            max_length=max_length, perplexity=perplexity, backend=backend)
+        with layer_progress("evaluating") as progress:
+            result, out_dir, target = run_eval(run_or_model, data, config, adapter, out, overwrite, dtype,
+                                               trust_remote_code, progress)
+    console.print(summary_table(f"pissa eval: {run_or_model} on {data} ({task})", [
+        ("model", target.model),
+        ("adapter", str(target.adapter) if target.adapter else "none"),
+        ("accuracy", f"{result.accuracy:.2%} ({result.correct}/{result.total} exact match)"),
+        ("perplexity", f"{result.perplexity:.3f}" if result.perplexity is not None else "skipped"),
+        ("backend", result.backend),
+        ("wall time", f"{result.seconds:.1f} s"),
+        ("results", f"{out_dir / 'eval.json'}, {out_dir / 'predictions.jsonl'}"),
+    ]))

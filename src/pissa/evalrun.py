@@ -1,0 +1,163 @@
+"""`pissa eval` as a library call: resolve what to evaluate (a model, a `pissa init` folder, a
+training run, or an adapter), check the adapter fits the model, evaluate, and write the results
+atomically:
+
+    OUT/eval.json          accuracy, perplexity, counts, what was evaluated and how
+    OUT/predictions.jsonl  one line per example: prompt, output, extracted, gold, correct
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint.adapter_io import read_adapter, read_adapter_config
+from .checkpoint.atomic import atomic_output_dir, check_output_dir
+from .errors import PissaError
+from .evaldata import EvalExample, load_eval_examples
+from .evaluate import EvalConfig, EvalResult, Progress, evaluate, generate_vllm, vllm_available, write_results
+
+BUNDLED = "arith"
+
+
+@dataclass
+class Target:
+    """What to evaluate: a base model (name, folder or hub id) and optionally a PEFT adapter folder."""
+
+    model: str
+    adapter: Path | None
+    kind: str  # model | init | run | adapter
+
+
+def find_adapter(folder: Path) -> Path | None:
+    """The PEFT adapter folder of a run or init output: the folder itself, or adapter/, final/ ... inside."""
+    for candidate in (folder, folder / "adapter", folder / "final" / "adapter", folder / "final"):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    return None
+
+
+def resolve_target(spec: str, adapter: str | Path | None = None) -> Target:
+    """RUN_OR_MODEL (+ --adapter) -> the base model to load and the adapter to apply on it."""
+    path = Path(spec).expanduser()
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").exists():
+            raise PissaError(f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        if (path / "pissa.json").exists():
+            return Target(str(path / "residual"), adapter, "init")  # a trained PiSSA adapter on its residual
+        return Target(spec, adapter, "adapter")
+    if path.is_dir() and (path / "pissa.json").exists():
+        return Target(str(path / "residual"), path / "adapter", "init")
+    if path.is_dir() and not (path / "config.json").exists():
+        found = find_adapter(path)
+        if found is None:
+            raise PissaError(f"{path} is neither a model folder (config.json), a `pissa init` output (pissa.json), "
+                             f"nor a run/adapter folder (adapter_config.json); point at one of those")
+        base = read_adapter_config(found).get("base_model_name_or_path")
+        if not base:
+            raise PissaError(f"{found}/adapter_config.json names no base_model_name_or_path; pass the base model "
+                             f"as RUN_OR_MODEL and the adapter with --adapter {found}")
+        return Target(base, found, "run" if found != path else "adapter")
+    return Target(spec, None, "model")
+
+
+def check_adapter_fits(model, adapter: Path, model_name: str) -> None:
+    """Refuse an adapter whose layers are missing from the model or have other shapes."""
+    from .checkpoint.adapter_io import lora_pairs
+
+    _, state = read_adapter(adapter)
+    modules = dict(model.named_modules())
+    for name, (A, B) in lora_pairs(state).items():
+        module = modules.get(name)
+        if module is None or not hasattr(module, "weight"):
+            raise PissaError(f"adapter {adapter} adapts layer {name}, which model {model_name} does not have; "
+                             f"evaluate it on the base model it was trained on")
+        out_features, in_features = module.weight.shape[:2]
+        if A.shape[1] != in_features or B.shape[0] != out_features:
+            raise PissaError(f"adapter {adapter} layer {name} is {B.shape[0]}x{A.shape[1]} but model {model_name} "
+                             f"has {out_features}x{in_features}; evaluate it on the base model it was trained on")
+
+
+def load_target(target: Target, dtype: str = "auto", trust_remote_code: bool = False):
+    """(model with the adapter applied, tokenizer) ready to evaluate."""
+    from .models import load_model
+
+    model, tokenizer, _ = load_model(target.model, dtype, trust_remote_code)
+    if tokenizer is None and target.adapter is not None:
+        tokenizer = load_tokenizer(target.adapter)
+    if tokenizer is None:
+        raise PissaError(f"model {target.model} has no tokenizer files; evaluation needs its tokenizer")
+    if target.adapter is not None:
+        from peft import PeftModel
+
+        check_adapter_fits(model, target.adapter, target.model)
+        model = PeftModel.from_pretrained(model, str(target.adapter))
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        return None
+
+
+def load_examples(data: str, limit: int | None = None) -> list[EvalExample]:
+    """`arith` / `arith:test` / `arith:train` (bundled, offline), or a JSONL/JSON file."""
+    name, _, split = data.partition(":")
+    if name == BUNDLED and not Path(data).exists():
+        from .synthetic import arith_problems
+
+        records = arith_problems(split or "test", n=limit)
+        return [EvalExample(i, r["query"], r["response"]) for i, r in enumerate(records)]
+    if not Path(data).exists() and "/" in data and not data.startswith((".", "/")):
+        raise PissaError(f"--data {data}: hub datasets are not read directly; export the split to JSONL "
+                         f"(datasets: `load_dataset({data!r}, split='test').to_json('test.jsonl')`) and pass the file")
+    return load_eval_examples(data, limit)
+
+
+def default_out(target: Target, data: str, task: str) -> Path:
+    """Runs and init folders keep their results inside: RUN/eval/<data>-<task>; else ./eval-<name>-<task>."""
+    label = Path(data.replace(":", "-")).stem
+    spec = Path(target.model)
+    if target.kind in ("run", "init", "adapter") and target.adapter is not None:
+        root = target.adapter.parent if target.adapter.name in ("adapter", "final") else target.adapter
+        return root / "eval" / f"{label}-{task}"
+    return Path(f"eval-{spec.name}-{label}-{task}")
+
+
+def run_eval(
+    spec: str,
+    data: str,
+    config: EvalConfig,
+    adapter: str | Path | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> tuple[EvalResult, Path, Target]:
+    """Evaluate RUN_OR_MODEL on `data` and write OUT/{eval.json, predictions.jsonl}."""
+    target = resolve_target(spec, adapter)
+    out = check_output_dir(out or default_out(target, data, config.task), overwrite)
+    examples = load_examples(data, config.limit)
+    backend = config.backend
+    if backend == "vllm" or (backend == "auto" and vllm_available()):
+        backend = "vllm"
+    model, tokenizer = load_target(target, dtype, trust_remote_code)
+    generate = None
+    if backend == "vllm":
+        from .models import resolve_model
+
+        def generate(prompt_ids):
+            return generate_vllm(resolve_model(target.model), target.adapter, prompt_ids, config.max_new_tokens)
+
+    result = evaluate(model, tokenizer, examples, config, progress, generate=generate)
+    meta = {"model": target.model, "adapter": str(target.adapter) if target.adapter else None, "kind": target.kind,
+            "data": data, "config": config.to_dict()}
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_results(tmp, result, meta)
+    return result, out, target
