@@ -347,3 +347,35 @@ def test_cuda_device_without_gpu_refused(sharded_dir, tmp_path):
     with pytest.raises(PissaError, match="no CUDA GPU"):
         run_init(str(sharded_dir), CONFIG, tmp_path / "o", device="cuda")
     assert not (tmp_path / "o").exists() and not work_dir_for(tmp_path / "o").exists()
+
+
+def test_cli_streams_by_default_and_in_memory_on_request(sharded_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from pissa.cli import app
+
+    runner = CliRunner()
+    args = ["init", str(sharded_dir), "--rank", "4", "--niter", "2", "--seed", "3"]
+    streamed = runner.invoke(app, [*args, "--out", str(tmp_path / "s"), "--workers", "1"])
+    assert streamed.exit_code == 0, streamed.output
+    assert "streamed: 5 shard(s)" in streamed.output
+    memory = runner.invoke(app, [*args, "--out", str(tmp_path / "m"), "--in-memory"])
+    assert memory.exit_code == 0, memory.output
+    assert "in memory" in memory.output
+    assert_same_output(tmp_path / "s", tmp_path / "m")
+    refused = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--in-memory", "--workers", "2"])
+    assert refused.exit_code == 2 and "--workers and --device apply to streaming" in refused.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_qpissa_streams_like_in_memory(sharded_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    config = PissaConfig(rank=4, quantize="nf4", quant_iters=2)
+    streamed = run_init(str(sharded_dir), config, tmp_path / "s")
+    memory = run_init(str(sharded_dir), config, tmp_path / "m", stream=False)
+    assert_same_output(tmp_path / "s", tmp_path / "m")
+    assert streamed.manifest["quantization"] == memory.manifest["quantization"] is not None
+    from pissa.quant.loading import read_record
+
+    assert read_record(tmp_path / "s/residual") == read_record(tmp_path / "m/residual") == streamed.manifest[
+        "quantization"]

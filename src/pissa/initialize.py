@@ -17,8 +17,10 @@ from pathlib import Path
 from .adapters import PissaConfig, init_model, residual_state_dict
 from .checkpoint.adapter_io import CONFIG_FILE
 from .checkpoint.atomic import atomic_output_dir, check_output_dir, dir_size
+from .checkpoint.reader import is_safetensors_folder
+from .errors import PissaError
 from .manifest import build_manifest, write_manifest
-from .models import load_model
+from .models import load_model, resolve_model
 from .quant.config import record_into_
 
 RESIDUAL_DIR = "residual"
@@ -52,11 +54,30 @@ def run_init(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    *,
+    stream: bool | None = None,
+    workers: int = 1,
+    device: str = "cpu",
+    resume: bool = True,
 ) -> InitResult:
     """Initialise `model` with `config` and write OUT/{residual,adapter,pissa.json}.
 
     `progress(done, total, layer_name)` lets a caller drive a progress bar.
+    A local safetensors folder (embedded names resolve to one) is streamed shard by shard in bounded
+    memory (pissa.checkpoint.stream; `workers`, `device`, `resume` apply there); `stream=False`
+    forces the in-memory path, which also serves hub ids and pickled checkpoints.
     """
+    if stream is None:
+        stream = dtype == "auto" and is_safetensors_folder(resolve_model(model))
+    if stream:
+        from .checkpoint.stream import stream_init
+
+        if dtype != "auto":
+            raise PissaError(f"--dtype {dtype} casts the whole model, which streaming does not do; pass --in-memory")
+        return stream_init(model, resolve_model(model), config, out, overwrite, trust_remote_code, progress,
+                           workers=workers, device=device, resume=resume)
+    if workers != 1 or device != "cpu":
+        raise PissaError("--workers and --device apply to streaming init only; drop them with --in-memory")
     start = time.perf_counter()
     out = check_output_dir(out, overwrite)  # fail before the (slow) load, not after
     base, tokenizer, path = load_model(model, dtype, trust_remote_code)

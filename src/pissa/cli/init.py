@@ -36,6 +36,14 @@ def init_command(
     dtype: str = typer.Option("auto", "--dtype", help="Load and residual dtype: auto (as stored), bf16, fp16, fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
+    in_memory: bool = typer.Option(
+        False, "--in-memory", help="Load the whole model instead of streaming a local safetensors folder by shards."
+    ),
+    workers: int = typer.Option(1, "--workers", help="Streaming: processes that decompose shards in parallel."),
+    device: str = typer.Option("cpu", "--device", help="Streaming: where the SVDs run (cpu, cuda; each rank's GPU)."),
+    resume: bool = typer.Option(
+        True, "--resume/--restart", help="Streaming: continue an interrupted run into the same --out, or start over."
+    ),
 ):
     """Initialise PiSSA adapters: W = W_res + B @ A, written as a residual model plus a PEFT adapter.
 
@@ -46,6 +54,10 @@ def init_command(
       pissa init meta-llama/Llama-3.1-8B --rank 64 --niter 4 --out out/llama-r64
 
       pissa init ./my-model --method pissa --components minor --target-regex '.*mlp.*' --out out/minor
+
+      pissa init ./Llama-70B --rank 64 --niter 4 --workers 4 --out out/llama70b-r64   (streams; re-run to resume)
+
+      torchrun --nproc-per-node 8 -m pissa.cli init ./Llama-70B --device cuda --out out/llama70b-r64
     """
     from ..initialize import run_init
 
@@ -70,7 +82,8 @@ def init_command(
             adapter_dtype=adapter_dtype,
         )
         with layer_progress("decomposing") as progress:
-            result = run_init(model, config, out, overwrite, dtype, trust_remote_code, progress=progress)
+            result = run_init(model, config, out, overwrite, dtype, trust_remote_code, progress=progress,
+                              stream=False if in_memory else None, workers=workers, device=device, resume=resume)
     summary = result.manifest["summary"]
     sizes = result.sizes()
     console.print(summary_table(f"pissa init: {model} -> {out}", [
@@ -79,6 +92,16 @@ def init_command(
         ("ranks", ", ".join(map(str, summary["ranks"]))),
         ("trainable params", f"{result.trainable_params:,}"),
         ("max reconstruction error", f"{summary['max_recon_abs_err']:.3g} (after cast to storage dtype)"),
+        *stream_rows(result.manifest),
         ("wall time", f"{result.seconds:.1f} s"),
         *[(f"{out / name}", human_bytes(size)) for name, size in sizes.items()],
     ]))
+
+
+def stream_rows(manifest: dict) -> list[tuple[str, str]]:
+    """How the run went: streamed (shards, workers, ranks, resumed) or in memory."""
+    st = manifest.get("stream")
+    if not st:
+        return [("mode", "in memory")]
+    return [("mode", f"streamed: {st['shards']} shard(s), {st['workers']} worker(s) x {st['world_size']} rank(s), "
+                     f"{st['device']}, {st['resumed_shards']} shard(s) resumed")]
