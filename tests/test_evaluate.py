@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from pissa.answers import accuracy, extract_answer, gold_answer, is_correct, normalize
 from pissa.cli import app
 from pissa.errors import PissaError
-from pissa.evaldata import EvalExample, encode_prompt, encode_with_response, load_eval_examples
+from pissa.evaldata import encode_prompt, encode_with_response, load_eval_examples, question_example
 from pissa.evaluate import EvalConfig, evaluate, generate_transformers, pad_token_id, perplexity
+from pissa.synthetic import arith_problems
 
 # (model output, task, expected extracted answer, expected normalised value)
 EXTRACTION_TABLE = [
@@ -127,7 +128,7 @@ QUESTIONS = ["What is 2 + 2?", "Tom has 3 apples and buys 5 more. How many does 
 
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny_lm):
     model, tokenizer = tiny_lm
-    prompts = [encode_prompt(tokenizer, q) for q in QUESTIONS]
+    prompts = [encode_prompt(tokenizer, question_example(q, "")) for q in QUESTIONS]
     assert len({len(p) for p in prompts}) > 1  # the batch really needs padding
     batched = generate_transformers(model, tokenizer, prompts, max_new_tokens=8, batch_size=4)
     single = generate_transformers(model, tokenizer, prompts, max_new_tokens=8, batch_size=1)
@@ -139,7 +140,8 @@ def test_perplexity_equals_model_loss(tiny_lm):
     model, tokenizer = tiny_lm
     examples = [("What is 2 + 2?", "2 + 2 = 4.\nThe answer is: 4"), ("Hi", "Hello! The answer is: 0"),
                 ("Name a colour.", "The answer is: blue")]
-    sequences = [encode_with_response(tokenizer, q, a, max_length=512) for q, a in examples]
+    examples = [question_example(q, a) for q, a in examples]
+    sequences = [encode_with_response(tokenizer, ex, max_length=512) for ex in examples]
     ppl, nll, count = perplexity(model, sequences, batch_size=3, pad_id=pad_token_id(tokenizer))
     # Reference: the model's own mean loss per example (no padding), weighted by its labelled tokens.
     ref_nll, ref_count = 0.0, 0
@@ -149,8 +151,9 @@ def test_perplexity_equals_model_loss(tiny_lm):
             loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
             ref_nll += loss.item() * n
             ref_count += n
-    assert count == ref_count == sum(len(encode_with_response(tokenizer, q, a, 512)[0])
-                                     - len(encode_prompt(tokenizer, q)) for q, a in examples)
+    # every response token + EOS is scored, no prompt token is
+    assert count == ref_count == sum(len(ids) - len(encode_prompt(tokenizer, ex)) for ex, (ids, _) in
+                                     zip(examples, sequences, strict=True))
     assert nll == pytest.approx(ref_nll, rel=1e-5)
     assert ppl == pytest.approx(math.exp(ref_nll / ref_count), rel=1e-5)
 
@@ -158,8 +161,8 @@ def test_perplexity_equals_model_loss(tiny_lm):
 def test_evaluate_scores_outputs_against_gold(tiny_lm):
     """The scoring loop with canned generations: accuracy is what a human counts."""
     model, tokenizer = tiny_lm
-    examples = [EvalExample(0, "q0", "The answer is: 12"), EvalExample(1, "q1", "#### 7"),
-                EvalExample(2, "q2", "The answer is: 1,000")]
+    examples = [question_example("q0", "The answer is: 12", 0), question_example("q1", "#### 7", 1),
+                question_example("q2", "The answer is: 1,000", 2)]
     canned = ["6 * 2 = 12\nThe answer is: 12", "The answer is: 8", "that is $1,000.00 in all"]
     result = evaluate(model, tokenizer, examples, EvalConfig(task="gsm8k", perplexity=False),
                       generate=lambda prompt_ids: canned[: len(prompt_ids)])
@@ -178,8 +181,6 @@ def read_predictions(folder):
 
 
 def test_pissa_eval_end_to_end(tmp_path, tiny_lm_dir, tiny_lm):
-    from pissa.synthetic import arith_problems
-
     out = tmp_path / "eval"
     args = ["eval", str(tiny_lm_dir), "--data", "arith:test", "--limit", "4", "--max-new-tokens", "6",
             "--batch-size", "3", "--out", str(out), "--backend", "transformers"]
@@ -194,7 +195,7 @@ def test_pissa_eval_end_to_end(tmp_path, tiny_lm_dir, tiny_lm):
     assert all(p["query"] in r["prompt"] for p, r in zip(problems, records, strict=True))
     # The same outputs and perplexity as calling the library on the in-memory model.
     model, tokenizer = tiny_lm
-    examples = [EvalExample(i, p["query"], p["response"]) for i, p in enumerate(problems)]
+    examples = load_eval_examples("arith", limit=4)
     direct = evaluate(model, tokenizer, examples, EvalConfig(max_new_tokens=6, batch_size=2))
     assert [r["output"] for r in records] == [r["output"] for r in direct.records]
     assert summary["perplexity"] == pytest.approx(direct.perplexity, rel=1e-5)
@@ -225,7 +226,11 @@ def test_load_eval_examples_fields(tmp_path):
     path.write_text('{"question": "1+1?", "answer": "#### 2"}\n\n{"instruction": "Add", "input": "2 and 3", '
                     '"output": "5"}\n')
     examples = load_eval_examples(path)
-    assert [(e.question, e.answer) for e in examples] == [("1+1?", "#### 2"), ("Add\n\n2 and 3", "5")]
+    assert [(e.example.prompt[0]["content"], e.reference) for e in examples] == [("1+1?", "#### 2"),
+                                                                                ("Add\n\n2 and 3", "5")]
+    arith = load_eval_examples("arith", limit=2)  # the bundled set evaluates on its test split
+    assert [e.example.prompt[0]["content"] for e in arith] == [p["query"] for p in arith_problems("test", n=2)]
+    assert [e.reference for e in arith] == [p["answer"] for p in arith_problems("test", n=2)]
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -244,9 +249,13 @@ def test_eval_bad_options(tmp_path, tiny_lm_dir, extra, message):
     assert not out.exists()
 
 
-def test_eval_dataset_without_answer_field(tmp_path, tiny_lm_dir):
+@pytest.mark.parametrize("lines", [
+    '{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "rationale": "..."}\n',
+    '{"query": "1+1?", "response": "2"}\n{"query": "2+2?", "rationale": "..."}\n',
+])
+def test_eval_dataset_without_answer_field(tmp_path, tiny_lm_dir, lines):
     data = tmp_path / "noanswer.jsonl"
-    data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "rationale": "..."}\n')
+    data.write_text(lines)
     out = tmp_path / "out"
     result = runner.invoke(app, ["eval", str(tiny_lm_dir), "--data", str(data), "--out", str(out)])
     text = " ".join(result.output.split())

@@ -1,103 +1,81 @@
-"""Evaluation sets: read question + reference answer pairs, and turn them into token ids.
+"""Evaluation sets: question + reference pairs, read and tokenized exactly as training does.
 
-A set is a JSONL file (one object per line) or a JSON list. The question is the first present of
-`query`, `question`, `problem`, `instruction` (+ `input`), `prompt`; the reference the first of
-`response`, `answer`, `solution`, `output`. The gold answer is extracted from the reference
-(`#### 72`, `The answer is: 72`, `\\boxed{...}`, or the bare answer).
+Reading, prompt rendering and tokenization come from `pissa.data` (the bundled `arith` set, JSON/
+JSONL files, hub names; chat template or Alpaca prompt), so a model is asked the way it was
+trained. On top of training's formats (Alpaca, MetaMathQA, chat `messages`), evaluation reads
+GSM8K's {question, answer} and MATH's {problem, solution} records. The gold answer is extracted
+from the first present of `answer`, `solution`, then the response (`#### 72`, `The answer is: 72`,
+`\\boxed{...}`, or the bare answer).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import data, synthetic
 from .errors import PissaError
 
-QUESTION_KEYS = ("query", "question", "problem", "instruction", "prompt")
-ANSWER_KEYS = ("response", "answer", "solution", "output")
+# Eval-only record formats: (question field, reference field).
+EVAL_FORMATS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
+GOLD_FIELDS = ("answer", "solution")
 
 
 @dataclass
 class EvalExample:
     index: int
-    question: str
-    answer: str  # the reference response (or the bare gold answer)
+    example: data.Example  # prompt turns + reference response
+    reference: str  # where the gold answer is extracted from
 
 
-def read_records(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) pairs of a JSONL file or a JSON list."""
-    text = path.read_text()
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PissaError(f"{path} is not valid JSON ({e})") from e
-        if not isinstance(data, list):
-            raise PissaError(f"{path} must hold a JSON list of examples")
-        return list(enumerate(data, 1))
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append((number, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise PissaError(f"{path} line {number} is not valid JSON ({e}); one JSON object per line") from e
-    return records
+def question_example(question: str, reference: str, index: int = 0) -> EvalExample:
+    """An EvalExample from a bare question and its reference answer."""
+    return EvalExample(index, data.Example(prompt=[{"role": "user", "content": question}], response=reference),
+                       reference)
 
 
-def to_example(index: int, record: dict, where: str) -> EvalExample:
-    if not isinstance(record, dict):
-        raise PissaError(f"{where} is not a JSON object")
-    question_key = next((k for k in QUESTION_KEYS if k in record), None)
-    answer_key = next((k for k in ANSWER_KEYS if k in record), None)
-    if question_key is None:
-        raise PissaError(f"{where} has no question field (one of {', '.join(QUESTION_KEYS)}); "
-                         f"its fields are: {', '.join(record) or 'none'}")
-    if answer_key is None:
-        raise PissaError(f"{where} has no answer field (one of {', '.join(ANSWER_KEYS)}), so it cannot be "
-                         f"scored; its fields are: {', '.join(record)}")
-    question = str(record[question_key])
-    if question_key == "instruction" and record.get("input"):
-        question = f"{question}\n\n{record['input']}"
-    return EvalExample(index=index, question=question, answer=str(record[answer_key]))
+def to_eval_example(index: int, record: dict, where: str) -> EvalExample:
+    for question_field, reference_field in EVAL_FORMATS.values():
+        if question_field in record and not any(f in record for f in ("query", "instruction", "messages")):
+            if record.get(reference_field) is None:
+                raise PissaError(f"{where} has no answer field {reference_field!r}, so it cannot be scored; "
+                                 f"its fields are: {', '.join(record)}")
+            return question_example(str(record[question_field]), str(record[reference_field]), index)
+    fmt = data.detect_format(record, where)
+    if fmt != "chat" and data.FORMATS[fmt][0][1] not in record and not any(f in record for f in GOLD_FIELDS):
+        raise PissaError(f"{where} has no answer field ({data.FORMATS[fmt][0][1]!r} or {' / '.join(GOLD_FIELDS)}), "
+                         f"so it cannot be scored; its fields are: {', '.join(record)}")
+    example = data.to_example(record, fmt, where)
+    gold = next((record[f] for f in GOLD_FIELDS if record.get(f) is not None), example.response)
+    return EvalExample(index, example, str(gold))
 
 
-def load_eval_examples(data: str | Path, limit: int | None = None) -> list[EvalExample]:
-    """Question/answer examples from a JSONL or JSON file (see the module docstring for fields)."""
-    path = Path(data)
-    if not path.exists():
-        raise PissaError(f"evaluation data {path} not found; give a JSONL file with question and answer fields")
-    records = read_records(path)
-    if not records:
-        raise PissaError(f"evaluation data {path} is empty")
-    records = records[:limit] if limit else records
-    return [to_example(i, record, f"{path} line {line}") for i, (line, record) in enumerate(records)]
+def load_eval_examples(spec: str | Path, limit: int | None = None) -> list[EvalExample]:
+    """Examples of an evaluation set: `arith` (its test split), `arith:SPLIT`, a JSON/JSONL file, or a hub name."""
+    spec = str(spec)
+    if spec == synthetic.NAME:
+        spec = f"{synthetic.NAME}:test"  # evaluation means held-out problems
+    if not Path(spec).expanduser().exists() and Path(spec).suffix in (".json", ".jsonl"):
+        raise PissaError(f"evaluation data {spec} not found; give a JSONL file with question and answer fields")
+    pairs, source = data.read_records(spec)
+    pairs = pairs[:limit] if limit else pairs
+    if not pairs:
+        raise PissaError(f"evaluation data {source} is empty")
+    return [to_eval_example(i, record, where) for i, (record, where) in enumerate(pairs)]
 
 
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\n\n### Instruction:\n{question}\n\n### Response:"
-)
+def is_templated(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_prompt(tokenizer, question: str) -> list[int]:
-    """The prompt's token ids: the chat template when the tokenizer has one, else the Alpaca prompt."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return tokenizer(ALPACA_PROMPT.format(question=question))["input_ids"]
+def encode_prompt(tokenizer, example: EvalExample) -> list[int]:
+    """The prompt's token ids, as `pissa.data.encode` builds them for training."""
+    text = data.render_prompt(tokenizer, example.example)
+    return tokenizer(text, add_special_tokens=not is_templated(tokenizer))["input_ids"]
 
 
-def encode_with_response(tokenizer, question: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of prompt + response + EOS, labels -100 on the prompt, cut to max_length."""
-    prompt = encode_prompt(tokenizer, question)
-    answer = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        answer = answer + [tokenizer.eos_token_id]
-    ids = (prompt + answer)[:max_length]
-    labels = ([-100] * len(prompt) + answer)[:max_length]
-    return ids, labels
+def encode_with_response(tokenizer, example: EvalExample, max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of prompt + response + EOS as in training (labels -100 on the prompt), cut to
+    max_length tokens (training drops longer examples; scoring keeps their first max_length tokens)."""
+    features = data.encode(tokenizer, example.example, max_length=2**62)
+    return features["input_ids"][:max_length], features["labels"][:max_length]

@@ -14,10 +14,8 @@ from pathlib import Path
 from .checkpoint.adapter_io import read_adapter, read_adapter_config
 from .checkpoint.atomic import atomic_output_dir, check_output_dir
 from .errors import PissaError
-from .evaldata import EvalExample, load_eval_examples
+from .evaldata import load_eval_examples
 from .evaluate import EvalConfig, EvalResult, Progress, evaluate, generate_vllm, vllm_available, write_results
-
-BUNDLED = "arith"
 
 
 @dataclass
@@ -105,20 +103,6 @@ def load_tokenizer(folder: Path):
         return None
 
 
-def load_examples(data: str, limit: int | None = None) -> list[EvalExample]:
-    """`arith` / `arith:test` / `arith:train` (bundled, offline), or a JSONL/JSON file."""
-    name, _, split = data.partition(":")
-    if name == BUNDLED and not Path(data).exists():
-        from .synthetic import arith_problems
-
-        records = arith_problems(split or "test", n=limit)
-        return [EvalExample(i, r["query"], r["response"]) for i, r in enumerate(records)]
-    if not Path(data).exists() and "/" in data and not data.startswith((".", "/")):
-        raise PissaError(f"--data {data}: hub datasets are not read directly; export the split to JSONL "
-                         f"(datasets: `load_dataset({data!r}, split='test').to_json('test.jsonl')`) and pass the file")
-    return load_eval_examples(data, limit)
-
-
 def default_out(target: Target, data: str, task: str) -> Path:
     """Runs and init folders keep their results inside: RUN/eval/<data>-<task>; else ./eval-<name>-<task>."""
     label = Path(data.replace(":", "-")).stem
@@ -143,7 +127,7 @@ def run_eval(
     """Evaluate RUN_OR_MODEL on `data` and write OUT/{eval.json, predictions.jsonl}."""
     target = resolve_target(spec, adapter)
     out = check_output_dir(out or default_out(target, data, config.task), overwrite)
-    examples = load_examples(data, config.limit)
+    examples = load_eval_examples(data, config.limit)
     backend = config.backend
     if backend == "vllm" or (backend == "auto" and vllm_available()):
         backend = "vllm"

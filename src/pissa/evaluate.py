@@ -219,7 +219,7 @@ def score(outputs: list[str], examples: list[EvalExample], prompts: list[str], t
     records = []
     for example, prompt, output in zip(examples, prompts, outputs, strict=True):
         extracted = extract_answer(output, task)
-        gold = gold_answer(example.answer, task)
+        gold = gold_answer(example.reference, task)
         records.append({
             "index": example.index,
             "prompt": prompt,
@@ -248,7 +248,7 @@ def evaluate(
     if not examples:
         raise PissaError("the evaluation set is empty; check --data (and --limit)")
     model.eval()
-    prompt_ids = [encode_prompt(tokenizer, ex.question) for ex in examples]
+    prompt_ids = [encode_prompt(tokenizer, ex) for ex in examples]
     if generate is None:
         outputs = generate_transformers(
             model, tokenizer, prompt_ids, config.max_new_tokens, config.batch_size, progress
@@ -259,7 +259,7 @@ def evaluate(
     records = score(outputs, examples, prompts, config.task)
     ppl = None
     if config.perplexity:
-        sequences = [encode_with_response(tokenizer, ex.question, ex.answer, config.max_length) for ex in examples]
+        sequences = [encode_with_response(tokenizer, ex, config.max_length) for ex in examples]
         ppl, _, _ = perplexity(model, sequences, config.batch_size, pad_token_id(tokenizer), progress)
     correct = sum(r["correct"] for r in records)
     return EvalResult(
