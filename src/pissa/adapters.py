@@ -51,6 +51,24 @@ class PissaConfig:
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout used in training (paper: 0)."})
     seed: int = field(default=0, metadata={"help": "Seed of every randomized step (per-layer generators)."})
     adapter_dtype: str = field(default="float32", metadata={"help": "Storage dtype of A and B (paper: fp32)."})
+    quantize: str | None = field(
+        default=None,
+        metadata={"help": "QPiSSA: fit the adapter against the residual quantized to nf4 or fp4 (bitsandbytes "
+                          "4-bit, as the loader will quantize it). Default: no quantization."},
+    )
+    quant_iters: int = field(
+        default=5, metadata={"help": "QPiSSA alternating SVD/quantization steps T (paper Algorithm 1; 1 = plain "
+                                     "QPiSSA, paper uses 5)."}
+    )
+    double_quant: bool = field(
+        default=False, metadata={"help": "Also quantize the 4-bit absmax values (bnb_4bit_use_double_quant)."}
+    )
+    quant_storage: str = field(
+        default="uint8", metadata={"help": "Packed 4-bit storage dtype (bnb_4bit_quant_storage; bfloat16 for FSDP)."}
+    )
+    compute_dtype: str | None = field(
+        default=None, metadata={"help": "bnb_4bit_compute_dtype to record for loading; default: the residual dtype."}
+    )
 
     def __post_init__(self):
         if self.rank <= 0:
@@ -65,6 +83,10 @@ class PissaConfig:
         get_method(self.method)
         make_options(self.method, self.options)  # refuses unknown options now, not mid-run
         parse_dtype(self.adapter_dtype)
+        if self.quantize is not None:
+            from .quant.config import check_quant_config
+
+            check_quant_config(self)
 
     def alpha_for(self, rank: int) -> float:
         """The paper's default alpha = r keeps scale 1 for every layer, overridden ranks included."""
@@ -248,7 +270,12 @@ def init_model(
 
 def decompose_weight(W: torch.Tensor, name: str, config: PissaConfig, rank: int, scale: float):
     """Decompose one layer's (out, in) weight per `config`: the single per-tensor entry point
-    shared by the in-memory and streaming paths, so both give the same tensors."""
+    shared by the in-memory and streaming paths, so both give the same tensors.
+    With `config.quantize` set it runs QPiSSA (pissa.quant), fitting against the quantized residual."""
+    if config.quantize is not None:
+        from .quant.config import quantized_decompose
+
+        return quantized_decompose(W, name, config, rank, scale)
     return decompose(
         W,
         config.method,

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ..adapters import PissaConfig, fields_help
+from ..quant.report import quant_rows
 from .app import app, console, human_bytes, layer_progress, parse_key_values, summary_table, user_errors
 
 H = fields_help(PissaConfig)
@@ -33,6 +34,11 @@ def init_command(
     use_rslora: bool = typer.Option(False, "--rslora", help=H["use_rslora"]),
     seed: int = typer.Option(0, "--seed", help=H["seed"]),
     adapter_dtype: str = typer.Option("float32", "--adapter-dtype", help=H["adapter_dtype"]),
+    quantize: str = typer.Option(None, "--quantize", "-q", help=H["quantize"]),
+    quant_iters: int = typer.Option(5, "--quant-iters", help=H["quant_iters"]),
+    double_quant: bool = typer.Option(False, "--double-quant", help=H["double_quant"]),
+    quant_storage: str = typer.Option("uint8", "--quant-storage", help=H["quant_storage"]),
+    compute_dtype: str = typer.Option(None, "--compute-dtype", help=H["compute_dtype"]),
     dtype: str = typer.Option("auto", "--dtype", help="Load and residual dtype: auto (as stored), bf16, fp16, fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
@@ -58,6 +64,8 @@ def init_command(
       pissa init ./Llama-70B --rank 64 --niter 4 --workers 4 --out out/llama70b-r64   (streams; re-run to resume)
 
       torchrun --nproc-per-node 8 -m pissa.cli init ./Llama-70B --device cuda --out out/llama70b-r64
+
+      pissa init smollm2-135m --rank 64 --quantize nf4 --quant-iters 5 --out out/qpissa-r64
     """
     from ..initialize import run_init
 
@@ -80,6 +88,11 @@ def init_command(
             use_rslora=use_rslora,
             seed=seed,
             adapter_dtype=adapter_dtype,
+            quantize=quantize,
+            quant_iters=quant_iters,
+            double_quant=double_quant,
+            quant_storage=quant_storage,
+            compute_dtype=compute_dtype,
         )
         with layer_progress("decomposing") as progress:
             result = run_init(model, config, out, overwrite, dtype, trust_remote_code, progress=progress,
@@ -92,6 +105,7 @@ def init_command(
         ("ranks", ", ".join(map(str, summary["ranks"]))),
         ("trainable params", f"{result.trainable_params:,}"),
         ("max reconstruction error", f"{summary['max_recon_abs_err']:.3g} (after cast to storage dtype)"),
+        *quant_rows(result.manifest),
         *stream_rows(result.manifest),
         ("wall time", f"{result.seconds:.1f} s"),
         *[(f"{out / name}", human_bytes(size)) for name, size in sizes.items()],

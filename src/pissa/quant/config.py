@@ -1,0 +1,81 @@
+"""The bridge from `PissaConfig` (quantize, quant_iters, double_quant, quant_storage, compute_dtype)
+to the QPiSSA fit, used by `adapters.decompose_weight` for both the in-memory and streaming paths."""
+
+from __future__ import annotations
+
+import torch
+
+from ..decompose import layer_seed
+from ..models import parse_dtype
+from .fit import check_iters, qpissa_decompose
+from .formats import FORMATS, QuantizationError, QuantSpec, require_bnb
+from .loading import quant_record
+
+# A fitted Q is only useful if a loader reproduces it; transformers loads bnb 4-bit on the fly.
+INIT_TYPES = tuple(name for name, fmt in FORMATS.items() if fmt.bits == 4)
+
+
+def check_quant_config(config) -> None:
+    """Refuse bad quantization settings of a PissaConfig up front (PissaConfig.__post_init__)."""
+    if config.quantize not in INIT_TYPES:
+        extra = " (int8 is measured by `pissa quant-report`, but no int8 loader reproduces a fitted Q)" \
+            if config.quantize == "int8" else ""
+        raise QuantizationError(
+            f"--quantize {config.quantize!r} is not supported; choose one of: {', '.join(INIT_TYPES)}{extra}"
+        )
+    check_iters(config.quant_iters)
+    QuantSpec(quant_type=config.quantize, double_quant=config.double_quant, quant_storage=config.quant_storage)
+    if config.compute_dtype is not None:
+        parse_dtype(config.compute_dtype)
+    require_bnb()
+
+
+def spec_for(config, dtype: torch.dtype) -> QuantSpec:
+    """The quantization of a residual stored in `dtype` (the loader quantizes from that dtype)."""
+    return QuantSpec(
+        quant_type=config.quantize,
+        double_quant=config.double_quant,
+        dtype=str(dtype).removeprefix("torch."),
+        quant_storage=config.quant_storage,
+    )
+
+
+def quantized_decompose(W: torch.Tensor, name: str, config, rank: int, scale: float):
+    """`decompose_weight` with quantization: QPiSSA (or QLoRA for a LoRA method) of one layer."""
+    return qpissa_decompose(
+        W,
+        rank,
+        spec_for(config, W.dtype),
+        config.quant_iters,
+        method=config.method,
+        options=config.options,
+        scale=scale,
+        seed=layer_seed(config.seed, name),
+        adapter_dtype=parse_dtype(config.adapter_dtype),
+        name=f"{name}.weight",
+    )
+
+
+def record_for(config, layers: dict[str, dict]) -> dict | None:
+    """The quantization record of an init output (None without quantization); `layers` are the infos."""
+    if config.quantize is None:
+        return None
+    dtypes = {info["quant"]["dtype"] for info in layers.values()}
+    if len(dtypes) != 1:
+        raise QuantizationError(
+            f"targeted layers have mixed dtypes {sorted(dtypes)}; a 4-bit loader casts all of them to one "
+            "dtype. Load the model with one --dtype"
+        )
+    spec = spec_for(config, parse_dtype(dtypes.pop()))
+    return quant_record(spec, config.quant_iters, config.compute_dtype)
+
+
+def record_into_(hf_config, config, layers: dict[str, dict]) -> dict | None:
+    """Write the quantization record into a transformers config (in place; saved as config.json)
+    and return it for the manifest; a no-op returning None without quantization."""
+    from .loading import annotate_config_
+
+    record = record_for(config, layers)
+    if record is not None:
+        annotate_config_(hf_config, record)
+    return record
