@@ -230,8 +230,9 @@ class SFTRecipe:
             gradient_accumulation_steps=c.grad_accum,
             max_grad_norm=c.max_grad_norm,
             bf16=c.precision == "bf16",
-            gradient_checkpointing=c.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if c.gradient_checkpointing else None,
+            # Named only when on: transformers 5 renames it (activation_checkpointing) and warns on the old name.
+            **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+               if c.gradient_checkpointing else {}),
             seed=c.seed,
             data_seed=c.seed,
             logging_steps=1,
@@ -244,6 +245,8 @@ class SFTRecipe:
             remove_unused_columns=False,
             dataloader_num_workers=0,
             dataloader_pin_memory=torch.cuda.is_available(),
+            # With no GPU, say so: accelerate then builds a gloo process group under torchrun/accelerate launch.
+            use_cpu=not torch.cuda.is_available(),
         )
 
     def _load_model(self):
