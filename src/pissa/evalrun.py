@@ -35,6 +35,9 @@ def find_adapter(folder: Path) -> Path | None:
     return None
 
 
+RUN_CONFIG = "train_config.yaml"  # pissa.train.CONFIG_FILE (not imported: it pulls in the Trainer)
+
+
 def resolve_target(spec: str, adapter: str | Path | None = None) -> Target:
     """RUN_OR_MODEL (+ --adapter) -> the base model to load and the adapter to apply on it."""
     path = Path(spec).expanduser()
@@ -47,17 +50,40 @@ def resolve_target(spec: str, adapter: str | Path | None = None) -> Target:
         return Target(spec, adapter, "adapter")
     if path.is_dir() and (path / "pissa.json").exists():
         return Target(str(path / "residual"), path / "adapter", "init")
+    if path.is_dir() and (path / RUN_CONFIG).exists():
+        return run_target(path)
     if path.is_dir() and not (path / "config.json").exists():
         found = find_adapter(path)
         if found is None:
             raise PissaError(f"{path} is neither a model folder (config.json), a `pissa init` output (pissa.json), "
-                             f"nor a run/adapter folder (adapter_config.json); point at one of those")
+                             f"a training run ({RUN_CONFIG}), nor an adapter folder (adapter_config.json)")
         base = read_adapter_config(found).get("base_model_name_or_path")
         if not base:
             raise PissaError(f"{found}/adapter_config.json names no base_model_name_or_path; pass the base model "
                              f"as RUN_OR_MODEL and the adapter with --adapter {found}")
-        return Target(base, found, "run" if found != path else "adapter")
+        return Target(base, found, "adapter")
     return Target(spec, None, "model")
+
+
+def run_target(run: Path) -> Target:
+    """A `pissa train` run: its adapter on the base it trained on (the residual for PiSSA)."""
+    import yaml
+
+    config = yaml.safe_load((run / RUN_CONFIG).read_text()) or {}
+    if (run / "model").is_dir() and not (run / "adapter").is_dir():  # --method full
+        return Target(str(run / "model"), None, "run")
+    if not (run / "adapter" / "adapter_config.json").exists():
+        raise PissaError(f"run {run} has no trained adapter/ yet (did the run finish?); evaluate it once it has")
+    if (run / "residual").is_dir():
+        base = str(run / "residual")
+    elif config.get("init"):
+        base = str(Path(config["init"]) / "residual")
+    elif (config.get("method") or "pissa") in ("pissa", "qpissa"):
+        raise PissaError(f"run {run} trained a PiSSA adapter but kept no residual/ (--no-save-residual); "
+                         f"evaluate its converted LoRA, or pass the residual as RUN_OR_MODEL with --adapter")
+    else:
+        base = config["model"]
+    return Target(base, run / "adapter", "run")
 
 
 def check_adapter_fits(model, adapter: Path, model_name: str) -> None:
