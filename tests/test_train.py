@@ -105,7 +105,7 @@ def test_every_method_trains_and_memorises(tmp_path, tiny_dir, data_file, method
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
     if method == "pissa" and not dora:
         assert (tmp_path / "run" / "residual" / "model.safetensors").exists()
-        assert (tmp_path / "run" / "init_adapter" / "adapter_model.safetensors").exists()
+        assert (tmp_path / "run" / "init" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_trained_pissa_adapter_reloads_on_its_residual(tmp_path, tiny_dir, data_file):
@@ -121,6 +121,44 @@ def test_trained_pissa_adapter_reloads_on_its_residual(tmp_path, tiny_dir, data_
     reloaded = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, trained(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["qpissa", "qlora"])
+def test_quantized_methods_train(tmp_path, tiny_dir, data_file, method):
+    """The base is the residual in bitsandbytes NF4 (checked against the fitted Q at load); only adapters train."""
+    pytest.importorskip("bitsandbytes")
+    SFTRecipe(config(tmp_path, tiny_dir, data_file, method=method, lr=3e-2, limit=4, quant_iters=2)).run()
+    log = read_log(tmp_path / "run")
+    assert len(log) == 10 and log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]
+    assert (tmp_path / "run" / "init" / "pissa.json").exists()  # the 4-bit init written before training
+    manifest = json.loads((tmp_path / "run" / "init" / "pissa.json").read_text())
+    assert manifest["quantization"]["quant_type"] == "nf4"
+
+
+def test_convert_at_end_gives_same_logits_on_original_base(tmp_path, tiny_dir, data_file):
+    """RUN/lora (rank 2r) on the original model == the trained adapter on its residual."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = SFTRecipe(config(tmp_path, tiny_dir, data_file, max_steps=4, convert_at_end=True))
+    summary = recipe.run()
+    assert summary["converted"] == str(tmp_path / "run" / "lora")
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    lora = PeftModel.from_pretrained(original, tmp_path / "run" / "lora").eval()
+    assert lora.peft_config["default"].r == 8  # 2r
+    with torch.no_grad():
+        torch.testing.assert_close(lora(ids).logits, recipe.trainer.model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_at_end_refused_for_lora(tmp_path, tiny_dir, data_file):
+    with pytest.raises(PissaError, match="needs no conversion"):
+        SFTRecipe(config(tmp_path, tiny_dir, data_file, method="lora", convert_at_end=True)).setup()
+
+
+def test_loftq_refused_clearly(tmp_path, tiny_dir, data_file):
+    with pytest.raises(PissaError, match="loftq is not available"):
+        SFTRecipe(config(tmp_path, tiny_dir, data_file, method="loftq")).setup()
 
 
 @pytest.mark.parametrize("method, dora", [("lora", False), ("pissa", False), ("pissa", True), ("lora", True)])

@@ -16,8 +16,10 @@ A run folder holds:
     checkpoints/         Trainer checkpoints (adapter + optimizer + scheduler + RNG) for --resume
     log.jsonl, log.csv   loss, grad norm, lr, tokens and tokens/s per step; tensorboard/ the same
     adapter/             the trained PEFT adapter (model/ for --method full)
-    residual/, init_adapter/   with --model and a PiSSA-family method: the frozen residual base the
-                         adapter needs and the initial A, B (conversion to a LoRA needs both)
+    residual/, init/     with --model --method pissa: the frozen residual base the adapter needs, and
+                         a `pissa init`-style folder with the initial A, B (what `pissa convert` reads);
+                         qlora/qpissa with --model write the whole init (residual inside) to init/ first
+    lora/                with --convert-at-end: the trained adapter as a rank-2r LoRA on the original base
     loss.png, summary.json
 """
 
@@ -48,9 +50,12 @@ from .errors import PissaError
 CONFIG_FILE = "train_config.yaml"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
-ADAPTER_METHODS = {"lora": "lora-kaiming", "lora-gaussian": "lora-gaussian", "pissa": "pissa"}
-QUANT_METHODS = ("qlora", "qpissa", "loftq")
-METHODS = ("full", *ADAPTER_METHODS, *QUANT_METHODS)
+# train method -> the init method of its adapter (pissa.decompose registry name)
+ADAPTER_METHODS = {"lora": "lora-kaiming", "lora-gaussian": "lora-gaussian", "pissa": "pissa",
+                   "qlora": "lora-kaiming", "qpissa": "pissa"}
+QUANT_METHODS = ("qlora", "qpissa")  # the base is the residual quantized to 4 bits (pissa.quant)
+UNWIRED_METHODS = ("loftq",)  # pissa.quant fits LoftQ, but `pissa init` cannot write it as an init yet
+METHODS = ("full", *ADAPTER_METHODS, *UNWIRED_METHODS)
 # Fields that may change between a run and its --resume without changing the run itself.
 RESUME_FREE = {"resume", "overwrite", "convert_at_end", "tensorboard"}
 
@@ -78,6 +83,9 @@ class TrainConfig:
         "help": "Module names to adapt; default every linear layer except the output head."})
     niter: int | None = field(default=None, metadata={
         "help": "pissa: randomized-SVD power iterations (fast init); omit for the exact SVD."})
+    quant_type: str = field(default="nf4", metadata={"help": "qlora/qpissa: 4-bit type of the base, nf4 or fp4."})
+    quant_iters: int = field(default=5, metadata={
+        "help": "qpissa: alternating SVD/quantization steps T (report's Algorithm 1; 1 = plain QPiSSA)."})
     lr: float = field(default=2e-5, metadata={"help": "Peak learning rate (paper: 2e-5)."})
     scheduler: str = field(default="cosine", metadata={"help": "LR schedule (any transformers name)."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps of linear warmup."})
@@ -97,7 +105,7 @@ class TrainConfig:
         "help": "--model with pissa: also write residual/ (the base the adapter needs)."})
     tensorboard: bool = field(default=True, metadata={"help": "Also write TensorBoard logs."})
     convert_at_end: bool = field(default=False, metadata={
-        "help": "Also write the trained adapter as a LoRA of rank 2r on the original base (needs pissa.convert)."})
+        "help": "pissa/qpissa: also write the trained adapter as a rank-2r LoRA on the original base (RUN/lora)."})
     resume: bool = field(default=False, metadata={"help": "Continue the run in --out from its last checkpoint."})
     overwrite: bool = field(default=False, metadata={"help": "Delete an existing --out and start again."})
 
@@ -157,17 +165,30 @@ class SFTRecipe:
 
     def setup(self) -> SFTRecipe:
         """Check the run folder, load model + adapter + data, and build the Trainer."""
+        from accelerate import PartialState
+
         self._check_out()
         self.method = self._resolve_method()
-        self.args = self._training_args()  # sets up the process group under torchrun/accelerate
-        torch.manual_seed(self.config.seed)
-        self.model, self.tokenizer = self._load_model()
-        self.dataset = self._load_data()
-        self.trainer = self._trainer()
-        self.trainer.accelerator.wait_for_everyone()  # every rank checked --out before rank 0 writes
-        if self.trainer.is_world_process_zero():
+        if self.config.convert_at_end and self.method not in ("pissa", "qpissa"):
+            raise PissaError(f"--convert-at-end rewrites a PiSSA adapter as a LoRA on the original model; a "
+                             f"{self.method} run needs no conversion, drop --convert-at-end")
+        self.args = self._training_args()
+        state = PartialState()  # the process group under torchrun / accelerate launch (a no-op alone)
+        self.tokenizer = load_tokenizer(self._tokenizer_source())
+        self.dataset = self._load_data()  # bad data fails here, before anything is written
+        state.wait_for_everyone()  # every rank has checked --out before rank 0 creates it
+        fresh = not self.config.resume
+        if state.is_main_process:
             self._prepare_out()
-        self.trainer.accelerator.wait_for_everyone()
+        state.wait_for_everyone()
+        try:
+            torch.manual_seed(self.config.seed)
+            self.model = self._load_model()
+            self.trainer = self._trainer()
+        except BaseException:
+            if fresh and state.is_main_process:
+                shutil.rmtree(self.out, ignore_errors=True)  # a run that never started leaves nothing behind
+            raise
         return self
 
     def _check_out(self) -> None:
@@ -201,13 +222,20 @@ class SFTRecipe:
         c = self.config
         if c.init is None:
             method = c.method or "pissa"
+            if method in UNWIRED_METHODS:
+                raise PissaError(f"--method {method} is not available in `pissa train` yet (`pissa init` cannot "
+                                 "write a LoftQ init); use qpissa or qlora")
             if method in QUANT_METHODS:
                 check_quant_available(method)
             return method
         from .manifest import read_manifest
 
-        made_with = read_manifest(c.init)["method"]
-        method = {v: k for k, v in ADAPTER_METHODS.items()}.get(made_with, made_with)
+        manifest = read_manifest(c.init)
+        made_with = manifest["method"]
+        names = {"lora-kaiming": "lora", "lora-gaussian": "lora-gaussian", "pissa": "pissa"}
+        method = names.get(made_with, made_with)
+        if manifest.get("quantization"):
+            method = {"pissa": "qpissa", "lora": "qlora"}.get(method, method)
         if c.method not in (None, method):
             raise PissaError(f"--init {c.init} was made with method {made_with!r}; --method {c.method} does not "
                              "apply to it (drop --method, or re-run `pissa init` with the method you want)")
@@ -249,30 +277,53 @@ class SFTRecipe:
             use_cpu=not torch.cuda.is_available(),
         )
 
+    def _tokenizer_source(self) -> Path | str:
+        from .models import resolve_model
+
+        if self.config.init is not None:
+            return Path(self.config.init) / "residual"
+        return resolve_model(self.config.model)
+
+    @property
+    def dtype(self) -> str:
+        return "bfloat16" if self.config.precision == "bf16" else "float32"
+
     def _load_model(self):
         c = self.config
-        dtype = "bfloat16" if c.precision == "bf16" else "float32"
         if c.init is not None:
-            return load_init_dir(c.init, dtype, c.dora, self.args.device)
+            return load_init_dir(c.init, self.dtype, c.dora, self.args.device)
+        if self.method in QUANT_METHODS:
+            return self._quantized_on_the_fly()
         from .models import load_model
 
-        model, tokenizer, self.model_path = load_model(c.model, dtype)
+        model, _, self.model_path = load_model(c.model, self.dtype)
         model.to(self.args.device)  # decompose where the weights will train (GPU when there is one)
         if self.method == "full":
-            model.requires_grad_(True)
-            return model, tokenizer
-        if self.method in QUANT_METHODS:
-            return quantized_model(model, self.method, self.pissa_config()), tokenizer
+            return model.requires_grad_(True)
         peft_model, self.init_report = init_adapters(model, self.pissa_config(), c.dora)
         self.initial_adapter = adapter_state(peft_model)  # conversion to a LoRA needs the starting A, B
-        return peft_model, tokenizer
+        return peft_model
+
+    def _quantized_on_the_fly(self):
+        """QLoRA / QPiSSA from --model: `pissa init --quantize` into RUN/init (rank 0, once), then load it
+        in 4-bit like --init. transformers quantizes at load, so the residual goes through disk."""
+        from accelerate import PartialState
+
+        from .initialize import run_init
+
+        init_dir = self.out / "init"
+        with PartialState().main_process_first():
+            if PartialState().is_main_process and not (init_dir / "pissa.json").exists():
+                run_init(self.config.model, self.pissa_config(), init_dir, dtype=self.dtype)
+        return load_init_dir(init_dir, self.dtype, self.config.dora, self.args.device)
 
     def pissa_config(self) -> PissaConfig:
         c = self.config
         base_method = ADAPTER_METHODS.get(self.method, "pissa")
         options = {"niter": c.niter} if c.niter is not None and base_method == "pissa" else {}
+        quant = {"quantize": c.quant_type, "quant_iters": c.quant_iters} if self.method in QUANT_METHODS else {}
         return PissaConfig(rank=c.rank, alpha=c.alpha, method=base_method, options=options, targets=c.targets,
-                           seed=c.seed)
+                           seed=c.seed, **quant)
 
     def _load_data(self):
         from .data import build_dataset
@@ -325,7 +376,7 @@ class SFTRecipe:
 
         plot_curves({self.method: read_log(self.out)}, self.out / CURVE_PNG, title=f"{self.method}: training loss")
         if self.config.convert_at_end:
-            summary["converted"] = str(convert_at_end(self.out))
+            summary["converted"] = str(self._convert())
         (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -336,19 +387,33 @@ class SFTRecipe:
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
         if self.config.model is not None and self.method == "pissa":
-            self._save_init(model)
+            self._save_init(model)  # (qpissa on the fly already wrote RUN/init before training)
 
     def _save_init(self, model) -> None:
-        """The residual base and the initial A, B: a trained PiSSA adapter is useless without them."""
+        """RUN/init (a `pissa init`-style folder: initial adapter + pissa.json, what `pissa convert` reads)
+        and RUN/residual (the frozen base the trained adapter needs)."""
         from .adapters import residual_state_dict
         from .checkpoint.adapter_io import read_adapter_config, write_adapter
+        from .manifest import build_manifest, write_manifest
 
-        with atomic_output_dir(self.out / "init_adapter", overwrite=True) as tmp:
-            write_adapter(tmp, read_adapter_config(self.out / "adapter"), self.initial_adapter)
+        residual = self.out / "residual"
+        adapter_config = {**read_adapter_config(self.out / "adapter"),
+                          "base_model_name_or_path": str(residual.resolve())}
+        with atomic_output_dir(self.out / "init", overwrite=True) as tmp:
+            write_adapter(tmp / "adapter", adapter_config, self.initial_adapter)
+            write_manifest(tmp, build_manifest(source=self.config.model, config=self.pissa_config().to_dict(),
+                                               layers=self.init_report, resolved_path=self.model_path))
         if self.config.save_residual:
-            with atomic_output_dir(self.out / "residual", overwrite=True) as tmp:
+            with atomic_output_dir(residual, overwrite=True) as tmp:
                 model.get_base_model().save_pretrained(tmp, state_dict=residual_state_dict(model))
                 self.tokenizer.save_pretrained(tmp)
+
+    def _convert(self) -> Path:
+        """The trained PiSSA adapter as a rank-2r LoRA on the original base (RUN/lora), via pissa.convert."""
+        from .convert import convert_to_lora
+
+        init_dir = Path(self.config.init) if self.config.init else self.out / "init"
+        return convert_to_lora(self.out / "adapter", init_dir, self.out / "lora", overwrite=True).out
 
     def _summary(self) -> dict:
         from .trainlog import read_log
@@ -421,8 +486,22 @@ def refresh_dora_magnitude_(peft_model) -> None:
             lora_B=module.lora_B[ADAPTER_NAME].weight, scaling=module.scaling[ADAPTER_NAME])
 
 
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise PissaError(f"could not load a tokenizer from {path} ({e.__class__.__name__}); training needs the "
+                         "model's tokenizer files beside its weights") from e
+
+
 def load_init_dir(folder: str | Path, dtype: str, dora: bool, device):
-    """(PeftModel, tokenizer) from a `pissa init` output: residual base + trainable adapter, no SVD."""
+    """PeftModel from a `pissa init` output: residual base + trainable adapter, no SVD.
+
+    A residual fitted for quantization (`pissa init --quantize`) loads in 4-bit with the recorded
+    settings and is checked against the fitted Q before any forward pass.
+    """
     from peft import LoraConfig, PeftModel
 
     from .initialize import ADAPTER_DIR, RESIDUAL_DIR
@@ -432,32 +511,42 @@ def load_init_dir(folder: str | Path, dtype: str, dora: bool, device):
     for part in (RESIDUAL_DIR, ADAPTER_DIR):
         if not (folder / part).is_dir():
             raise PissaError(f"--init {folder} has no {part}/ folder; point --init at a `pissa init --out` folder")
-    base, tokenizer, _ = load_model(folder / RESIDUAL_DIR, dtype)
-    base.to(device)
+    if is_quantized_init(folder):
+        base = load_quantized_residual(folder, device)
+    else:
+        base, _, _ = load_model(folder / RESIDUAL_DIR, dtype)
+        base.to(device)
     peft_config = LoraConfig.from_pretrained(str(folder / ADAPTER_DIR))
     peft_config.use_dora = dora
     model = PeftModel.from_pretrained(base, str(folder / ADAPTER_DIR), is_trainable=True, config=peft_config)
     if dora:
         refresh_dora_magnitude_(model)
-    return model, tokenizer
+    return model
+
+
+def is_quantized_init(folder: Path) -> bool:
+    from .manifest import read_manifest
+
+    return bool(read_manifest(folder).get("quantization"))
+
+
+def load_quantized_residual(folder: Path, device):
+    """The residual in bitsandbytes 4-bit, exactly as the adapter was fitted against (checked)."""
+    from transformers import AutoModelForCausalLM
+
+    from .quant import check_quantized_output, load_kwargs
+
+    residual = folder / "residual"
+    kwargs = load_kwargs(residual)  # raises with an install hint when bitsandbytes is missing
+    base = AutoModelForCausalLM.from_pretrained(residual, device_map={"": device}, **kwargs)
+    check_quantized_output(base, folder)  # before any forward pass (bnb's CPU path repacks weights)
+    return base
 
 
 def check_quant_available(method: str) -> None:
-    """Quantized methods need bitsandbytes and the QPiSSA code in `pissa.quant`."""
+    """Quantized methods need bitsandbytes; say so before any model is loaded."""
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise PissaError(f"--method {method} quantizes the base model and needs bitsandbytes: "
                          "`pip install 'pissa[quant]'` (or `pip install bitsandbytes`)")
-    if importlib.util.find_spec("pissa.quant") is None:
-        raise PissaError(f"--method {method} needs the QPiSSA code (pissa.quant), which this build does not have "
-                         "yet; use --method pissa or lora")
-
-
-def quantized_model(model, method: str, config: PissaConfig):
-    raise PissaError(f"--method {method} is not wired into `pissa train` yet; use --method pissa or lora")
-
-
-def convert_at_end(run: Path) -> Path:
-    raise PissaError("--convert-at-end needs the conversion API (pissa.convert), which this build does not have "
-                     "yet; run without it")
