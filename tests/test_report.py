@@ -145,3 +145,34 @@ def test_real_two_step_run_train_eval_report(tmp_path, make_tiny_llama, smollm2_
     accuracy = f"{100 * evaluation['accuracy']:.1f}% | {evaluation['correct']}/2 | {evaluation['perplexity']:.4g}"
     assert accuracy in md
     assert (out / "loss.png").exists() and (out / "predictions" / "run-arith-gsm8k.jsonl").exists()
+
+
+def test_pissa_demo_tiny_end_to_end(tmp_path):
+    """`pissa demo --tiny --steps 2`: every report file exists and holds the numbers the run computed."""
+    out = tmp_path / "demo-report"
+    result = runner.invoke(app, ["demo", "--tiny", "--steps", "2", "--test-examples", "3", "--max-new-tokens", "6",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("report.md", "loss.png", "grad_norm.png", "accuracy.png", "spectrum.png", "demo.json"):
+        assert (out / name).exists(), name
+    assert not (tmp_path / ".demo-report.work").exists()  # the scratch folder is gone
+    numbers = json.loads((out / "demo.json").read_text())
+    md = (out / "report.md").read_text()
+    for name in ("base", "lora", "pissa"):
+        e = numbers["eval"][name]
+        predictions = [json.loads(line) for line in
+                       (out / "predictions" / f"{name}-arith-test-gsm8k.jsonl").read_text().splitlines()]
+        assert len(predictions) == e["total"] == 3
+        assert e["correct"] == sum(p["correct"] for p in predictions)
+        assert f"| {name} | `arith:test` | gsm8k | {100 * e['accuracy']:.1f}% | {e['correct']}/3 |" in md
+    for method in ("lora", "pissa"):
+        t = numbers["train"][method]
+        assert t["steps"] == 2
+        assert f"| {method} | {method} | 2 | {t['first_loss']:.4f} | {t['final_loss']:.4f} |" in md
+    # Both start from the same function: PiSSA's init leaves the model unchanged, LoRA's B = 0.
+    assert numbers["train"]["lora"]["first_loss"] == pytest.approx(numbers["train"]["pissa"]["first_loss"], rel=1e-5)
+    assert numbers["init"]["max_recon_abs_err"] < 1e-5
+    conv = numbers["convert"]
+    assert conv["max_abs_logit_diff"] < 1e-4 and conv["rank_out"] == 16
+    assert f"= {conv['max_abs_logit_diff']:.3g}" in md
+    assert "pissa demo --steps 2" in md and "Quantization error" in md

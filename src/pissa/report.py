@@ -220,18 +220,19 @@ def eval_rows(runs: list[RunData]) -> list[dict]:
 
 def write_report(
     runs: list[RunData], out: str | Path, title: str = "PiSSA runs", overwrite: bool = False,
-    sections: list[str] | None = None, extra_files: dict[str, Path] | None = None,
+    sections: list[str] | None = None, extra_files: dict[str, Path] | None = None, source: str | None = None,
 ) -> Path:
     """Write OUT/report.md with its PNGs and copies of the per-example predictions (atomically).
 
     `sections` are extra markdown blocks placed after the tables (the demo adds its own);
-    `extra_files` {name: path} are copied into OUT (e.g. PNGs those sections link to).
+    `extra_files` {name: path} are copied into OUT (e.g. PNGs those sections link to);
+    `source` replaces the line that lists the run folders.
     """
     out = Path(out)
     evals = eval_rows(runs)
     with atomic_output_dir(out, overwrite) as tmp:
-        md = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from: "
-              + ", ".join(f"`{run.path}`" for run in runs), ""]
+        source = source or "from: " + ", ".join(f"`{run.path}`" for run in runs)
+        md = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {source}", ""]
         trained = [run for run in runs if run.log]
         if trained:
             md += ["## Training", "", markdown_table(
