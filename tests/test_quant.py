@@ -1,0 +1,385 @@
+"""QPiSSA: quantization formats against bitsandbytes' own layer path, the QPiSSA/LoftQ/QLoRA loops
+against their definitions, error ordering, and the 4-bit round trip of a `pissa init --quantize`
+output through stock transformers loading (exact dequantized weights, matching logits)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from pissa.adapters import PissaConfig, init_model, linear_modules  # noqa: E402
+from pissa.cli import app  # noqa: E402
+from pissa.cli.quant_report import expand_greedy  # noqa: E402
+from pissa.errors import PissaError  # noqa: E402
+from pissa.initialize import run_init  # noqa: E402
+from pissa.quant import (  # noqa: E402
+    QuantizationError,
+    QuantSpec,
+    check_quantized_output,
+    fake_quantize,
+    fit_iterates,
+    load_kwargs,
+    loftq_iterates,
+    nuclear,
+    qlora_iterate,
+    qpissa_decompose,
+    qpissa_iterates,
+    read_record,
+)
+from pissa.quant.report import ReportConfig, layer_type, measure_layer, short_names, summarize  # noqa: E402
+
+runner = CliRunner()
+
+
+def add_principal_structure_(model, k: int = 8, strength: float = 6.0, seed: int = 0) -> None:
+    """Give every linear weight a few dominant singular directions, in place.
+
+    Pretrained weights have them (the premise of PiSSA); a freshly initialised model does not, and
+    on its flat spectrum the top-r of W is no better a thing to keep in full precision than the
+    top-r of the quantization error.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in linear_modules(model).values():
+            W = module.weight  # (out, in)
+            out_dim, in_dim = W.shape
+            U = torch.linalg.qr(torch.randn(out_dim, k, generator=g)).Q  # (out, k)
+            V = torch.linalg.qr(torch.randn(in_dim, k, generator=g)).Q  # (in, k)
+            level = W.norm() / min(out_dim, in_dim) ** 0.5 * (out_dim * in_dim) ** 0.25 / 8
+            W += (U * (strength * level * torch.linspace(1.0, 0.3, k))) @ V.T  # (out, in)
+
+
+@pytest.fixture
+def structured_llama(make_tiny_llama):
+    model = make_tiny_llama()
+    add_principal_structure_(model)
+    return model
+
+
+@pytest.fixture
+def structured_dir(tmp_path, structured_llama):
+    path = tmp_path / "structured-llama"
+    structured_llama.save_pretrained(path)
+    return path
+
+
+# --- formats -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fake_quantize_is_what_a_bnb_layer_computes_with(quant_type, double_quant, dtype):
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(1)) * 0.02  # (out, in)
+    spec = QuantSpec(quant_type=quant_type, double_quant=double_quant, dtype=dtype)
+    # bitsandbytes' own layer path: a Params4bit quantized on .to(device), as transformers loads it.
+    param = bnb.nn.Params4bit(W.to(getattr(torch, dtype)), requires_grad=False, quant_type=quant_type,
+                              compress_statistics=double_quant).to("cpu")
+    reference = bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
+    assert torch.equal(fake_quantize(W, spec), reference)
+    assert not torch.equal(reference, W)  # it did quantize
+
+
+def test_int8_is_rowwise_absmax():
+    W = torch.randn(16, 96, generator=torch.Generator().manual_seed(2))  # (out, in)
+    absmax = W.abs().amax(dim=1, keepdim=True)  # (out, 1)
+    expected = torch.round(W / absmax * 127) * absmax / 127  # (out, in)
+    torch.testing.assert_close(fake_quantize(W, QuantSpec(quant_type="int8")), expected, rtol=0, atol=1e-6)
+
+
+def test_nuclear_norm_is_sum_of_singular_values():
+    E = torch.randn(20, 30, generator=torch.Generator().manual_seed(3))
+    assert nuclear(E) == pytest.approx(torch.linalg.matrix_norm(E, ord="nuc").item(), rel=1e-5)
+
+
+# --- fitting loops against their definitions ----------------------------------------------------
+
+def test_qpissa_step_one_is_pissa_then_nf4_of_the_residual():
+    W = torch.randn(64, 96, generator=torch.Generator().manual_seed(4)) * 0.02
+    spec = QuantSpec()
+    it = next(qpissa_iterates(W, 8, spec, 1))
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    principal = U[:, :8] @ torch.diag(S[:8]) @ Vh[:8]  # (out, in) top-8 of W
+    torch.testing.assert_close(it.B @ it.A, principal, rtol=1e-4, atol=1e-6)
+    assert torch.equal(it.Q, fake_quantize(W - it.B @ it.A, spec))
+
+
+def test_later_qpissa_steps_fit_what_the_quantized_residual_misses():
+    W = torch.randn(64, 96, generator=torch.Generator().manual_seed(5)) * 0.02
+    spec = QuantSpec()
+    first, second = list(qpissa_iterates(W, 8, spec, 2))
+    U, S, Vh = torch.linalg.svd(W - first.Q, full_matrices=False)
+    torch.testing.assert_close(second.B @ second.A, U[:, :8] @ torch.diag(S[:8]) @ Vh[:8], rtol=1e-4, atol=1e-6)
+    assert torch.equal(second.Q, fake_quantize(W - second.B @ second.A, spec))
+
+
+def test_loftq_step_one_keeps_the_top_of_the_qlora_error():
+    W = torch.randn(64, 96, generator=torch.Generator().manual_seed(6)) * 0.02
+    spec = QuantSpec()
+    it = next(loftq_iterates(W, 8, spec, 1))
+    qlora = qlora_iterate(W, 8, spec)
+    assert torch.equal(it.Q, qlora.Q) and torch.equal(qlora.B, torch.zeros(64, 8))
+    S_err = torch.linalg.svdvals(W - qlora.Q)
+    # Eckart-Young: what LoftQ leaves is the tail of the QLoRA error's spectrum (paper eq. 15).
+    assert nuclear(it.error(W)) == pytest.approx(S_err[8:].sum().item(), rel=1e-4)
+
+
+def test_error_ordering_on_a_tiny_model(structured_llama):
+    """Paper table 4 / 8: QPiSSA < LoftQ < QLoRA at equal T, and QPiSSA's T = 5 <= T = 1."""
+    spec = QuantSpec()
+    totals = {"qlora": 0.0}
+    for W in (m.weight.detach() for m in linear_modules(structured_llama).values()):
+        qlora = nuclear(qlora_iterate(W, 8, spec).error(W))
+        totals["qlora"] += qlora
+        errs = {fit: [nuclear(it.error(W)) for it in fit_iterates(fit, W, 8, spec, 5)] for fit in ("loftq", "qpissa")}
+        for t in (0, 4):  # T = 1 and T = 5
+            assert errs["qpissa"][t] < errs["loftq"][t] < qlora
+        assert errs["qpissa"][4] <= errs["qpissa"][0]
+        for fit, values in errs.items():
+            for t, v in enumerate(values):
+                totals[(fit, t + 1)] = totals.get((fit, t + 1), 0.0) + v
+    assert totals[("qpissa", 5)] < totals[("qpissa", 1)] < totals[("loftq", 1)] < totals["qlora"]
+
+
+def test_init_path_gives_the_report_iterate(structured_llama):
+    """qpissa_decompose (pissa init) and the report's loop give the same adapter and Q at step T."""
+    W = structured_llama.model.layers[0].self_attn.q_proj.weight.detach()
+    spec = QuantSpec()
+    f = qpissa_decompose(W, 8, spec, 3, seed=7, name="q")
+    last = list(qpissa_iterates(W.float(), 8, spec, 3, seed=7))[-1]
+    torch.testing.assert_close(f.B @ f.A, last.B @ last.A, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fake_quantize(f.residual, spec), last.Q, rtol=0, atol=1e-6)
+    torch.testing.assert_close(f.residual + f.B @ f.A, W, rtol=0, atol=1e-6)  # W_res + B @ A = W before quantizing
+    assert f.info["quant"]["iter_error_fro"][-1] < f.info["quant"]["qlora_error_fro"]
+
+
+def test_qpissa_with_scale_and_bf16_adapter_fits_the_stored_factors(structured_llama):
+    W = structured_llama.model.layers[0].mlp.up_proj.weight.detach().to(torch.bfloat16)
+    spec = QuantSpec(dtype="bfloat16")
+    f = qpissa_decompose(W, 8, spec, 2, scale=2.0, adapter_dtype=torch.bfloat16, name="up")
+    update = 2.0 * (f.B.float() @ f.A.float())  # (out, in), the adapter as stored
+    assert f.residual.dtype == torch.bfloat16
+    torch.testing.assert_close(f.residual.float(), (W.float() - update).to(torch.bfloat16).float(), rtol=0, atol=0)
+    error = W.float() - fake_quantize(f.residual, spec) - update
+    assert f.info["quant"]["error_fro"] == pytest.approx(error.norm().item(), rel=1e-6)
+
+
+def test_lora_method_with_quantization_is_qlora(structured_llama):
+    W = structured_llama.model.layers[0].self_attn.v_proj.weight.detach()
+    f = qpissa_decompose(W, 8, QuantSpec(), 5, method="lora-kaiming", name="v")
+    assert torch.equal(f.residual, W) and torch.equal(f.B, torch.zeros_like(f.B))
+    assert f.info["quant"]["reduction_fro_pct"] == pytest.approx(0.0, abs=1e-9)
+
+
+# --- pissa init --quantize: 4-bit round trip --------------------------------------------------------
+
+def fitted_reference(structured_dir, out):
+    """The model the adapter was fitted against: Q = fake_quantize(stored residual) as fp32 weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "residual", dtype=torch.float32)
+    spec = QuantSpec(**{k: read_record(out / "residual")[k] for k in ("quant_type", "double_quant", "dtype")})
+    manifest = json.loads((out / "pissa.json").read_text())
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in manifest["layers"]:
+            modules[name].weight.copy_(fake_quantize(modules[name].weight, spec))
+    return PeftModel.from_pretrained(model, out / "adapter")
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_saved_residual_loads_in_4bit_as_fitted(structured_dir, tmp_path, tokens, double_quant):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "qpissa"
+    result = run_init(str(structured_dir), PissaConfig(rank=8, quantize="nf4", quant_iters=2,
+                                                       double_quant=double_quant), out, stream=False)
+    record = read_record(out / "residual")
+    assert record == result.manifest["quantization"]
+    assert record["bnb_config"]["bnb_4bit_use_double_quant"] is double_quant and record["blocksize"] == 64
+    loaded = AutoModelForCausalLM.from_pretrained(out / "residual", **load_kwargs(out / "residual"))
+    assert check_quantized_output(loaded, out)["layers"] == 14
+
+    # Identical dequantized weights, layer by layer, against the stored residual quantized as fitted.
+    spec = QuantSpec(double_quant=double_quant)
+    from safetensors.torch import load_file
+
+    stored = load_file(out / "residual" / "model.safetensors")
+    modules = dict(loaded.named_modules())
+    for name, info in result.manifest["layers"].items():
+        w = modules[name].weight
+        deq = bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+        assert torch.equal(deq, fake_quantize(stored[f"{name}.weight"], spec)), name
+        assert info["quant"]["error_fro"] < info["quant"]["qlora_error_fro"]
+
+    # Logits of the 4-bit model + adapter match the fitted reconstruction Q + B @ A. Train mode: that
+    # is how QPiSSA runs, and bitsandbytes' CPU inference path would round absmax to bf16.
+    quantized = PeftModel.from_pretrained(loaded, out / "adapter").train()
+    reference = fitted_reference(structured_dir, out).train()
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(tokens).logits, reference(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_mismatched_loading_config_is_detected(structured_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    out = tmp_path / "qpissa"
+    run_init(str(structured_dir), PissaConfig(rank=8, quantize="nf4", quant_iters=1), out, stream=False)
+    residual = out / "residual"
+    # The reference implementation's drift: fitted without double quant, loaded with it.
+    kwargs = load_kwargs(residual)
+    kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True)
+    drifted = AutoModelForCausalLM.from_pretrained(residual, **kwargs)
+    with pytest.raises(QuantizationError, match="double_quant=True"):
+        check_quantized_output(drifted, out)
+    # Another dtype: transformers casts the stored residual before quantizing it.
+    bf16 = AutoModelForCausalLM.from_pretrained(residual, **{**load_kwargs(residual), "dtype": torch.bfloat16})
+    with pytest.raises(QuantizationError, match="dtype=bfloat16"):
+        check_quantized_output(bf16, out)
+    fp4 = AutoModelForCausalLM.from_pretrained(
+        residual, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"))
+    with pytest.raises(QuantizationError, match="quant_type=fp4"):
+        check_quantized_output(fp4, out)
+    plain = AutoModelForCausalLM.from_pretrained(residual)
+    with pytest.raises(QuantizationError, match="not a 4-bit layer"):
+        check_quantized_output(plain, out)
+    # Same settings, other values (a residual edited after the fit) are caught by the recorded sha256.
+    same = AutoModelForCausalLM.from_pretrained(residual, **load_kwargs(residual))
+    with torch.no_grad():
+        w = same.model.layers[1].mlp.down_proj.weight
+        w.data[0, 0] ^= 1  # flip one packed code
+    with pytest.raises(QuantizationError, match="mlp.down_proj: the loaded 4-bit weight differs"):
+        check_quantized_output(same, out)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def test_missing_bitsandbytes_says_how_to_install(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name.startswith("bitsandbytes"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(QuantizationError, match=r"pip install 'pissa\[quant\]'"):
+        PissaConfig(quantize="nf4")
+    with pytest.raises(QuantizationError, match="bitsandbytes"):
+        fake_quantize(torch.ones(4, 64), QuantSpec())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"quantize": "nf3"}, "'nf3' is not supported; choose one of: nf4, fp4"),
+    ({"quantize": "int8"}, "int8 is measured by `pissa quant-report`"),
+    ({"quantize": "nf4", "quant_iters": 0}, "--quant-iters must be >= 1"),
+    ({"quantize": "nf4", "quant_storage": "int4"}, "quant storage must be one of"),
+])
+def test_bad_quant_settings_are_refused(kwargs, message):
+    with pytest.raises(PissaError, match=message.replace("[", r"\[")):
+        PissaConfig(**kwargs)
+
+
+def test_unsupported_quant_type_in_spec():
+    with pytest.raises(QuantizationError, match="unsupported quant type 'q2'; choose one of: nf4, fp4, int8"):
+        QuantSpec(quant_type="q2")
+
+
+def test_already_quantized_model_is_refused(structured_dir):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        structured_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    with pytest.raises(PissaError, match="already quantized"):
+        init_model(model, PissaConfig(rank=8, quantize="nf4"))
+
+
+def test_cli_init_quantize_and_bad_iters(structured_dir, tmp_path):
+    bad = runner.invoke(app, ["init", str(structured_dir), "--quantize", "nf4", "--quant-iters", "0",
+                              "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--quant-iters must be >= 1" in bad.output
+    assert not (tmp_path / "bad").exists()
+    ok = runner.invoke(app, ["init", str(structured_dir), "--rank", "8", "--quantize", "nf4", "--quant-iters", "2",
+                             "--double-quant", "--out", str(tmp_path / "ok")])
+    assert ok.exit_code == 0, ok.output
+    assert "quant error vs QLoRA" in ok.output
+    manifest = json.loads((tmp_path / "ok" / "pissa.json").read_text())
+    assert manifest["quantization"]["double_quant"] is True and manifest["config"]["quant_iters"] == 2
+    assert manifest["layers"]["model.layers.0.self_attn.q_proj"]["quant"]["iters"] == 2
+
+
+# --- quant-report ----------------------------------------------------------------------------------
+
+def test_expand_greedy_list_options():
+    assert expand_greedy(["m", "--ranks", "16", "64", "--iters", "1", "5", "--out", "x"]) == [
+        "m", "--ranks", "16", "--ranks", "64", "--iters", "1", "--iters", "5", "--out", "x"]
+    assert expand_greedy(["--ranks", "8", "model"]) == ["--ranks", "8", "model"]
+
+
+def test_layer_types_and_short_names():
+    assert layer_type("model.layers.3.self_attn.q_proj") == "self_attn.q_proj"
+    assert layer_type("pooler.dense") == "pooler.dense"
+    types = ["attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense"]
+    assert short_names(types) == {"attention.self.query": "query", "attention.output.dense": "attention.output.dense",
+                                  "intermediate.dense": "intermediate.dense", "output.dense": "output.dense"}
+
+
+def test_quant_report_cli_matches_direct_measurement(structured_dir, structured_llama, tmp_path):
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["quant-report", str(structured_dir), "--ranks", "4", "8", "--iters", "1", "2",
+                                 "--targets", "q_proj", "--targets", "down_proj", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "QPiSSA" in result.output and "q_proj" in result.output
+    assert {p.name for p in out.iterdir()} == {"layers.csv", "summary.csv", "summary.md", "chart.png"}
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import csv
+
+    rows = list(csv.DictReader(open(out / "layers.csv")))
+    assert len(rows) == 4 * (1 + 2 * 2 * 2)  # 4 layers x (QLoRA + 2 ranks x 2 fits x 2 T)
+    # Reference: one layer measured directly.
+    W = structured_llama.model.layers[1].self_attn.q_proj.weight.detach()
+    direct = measure_layer(W, "model.layers.1.self_attn.q_proj", ReportConfig(ranks=[4, 8], iters=[1, 2]))
+    got = [r for r in rows if r["layer"] == "model.layers.1.self_attn.q_proj"]
+    for d, g in zip(direct, got, strict=True):
+        assert (d["fit"], str(d["rank"]), str(d["iters"])) == (g["fit"], g["rank"], g["iters"])
+        assert float(g["reduction_nuclear_pct"]) == pytest.approx(d["reduction_nuclear_pct"], rel=1e-6)
+    types, table = summarize(direct)
+    assert next(r for r in table if r["fit"] == "qlora")["AVG"] == 0.0
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert {(r["fit"], r["rank"], r["iters"]) for r in summary} >= {("qpissa", "8", "2"), ("loftq", "4", "1")}
+
+
+def test_quant_report_refuses_bad_iters(structured_dir, tmp_path):
+    result = runner.invoke(app, ["quant-report", str(structured_dir), "--iters", "0", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--quant-iters must be >= 1" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+# --- real weights ----------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_qpissa_beats_loftq_on_smollm2_layers(smollm2_dir):
+    """Real pretrained weights (no synthetic structure): paper's ordering on a few SmolLM2 layers."""
+    from safetensors import safe_open
+
+    spec = QuantSpec()
+    with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
+        names = [n for n in f.keys() if n.startswith("model.layers.0.") and n.endswith(("q_proj.weight",
+                                                                                        "k_proj.weight"))]
+        weights = {n: f.get_tensor(n) for n in names}
+    assert len(weights) == 2
+    for name, W in weights.items():
+        qlora = nuclear(qlora_iterate(W, 16, spec).error(W))
+        loftq = nuclear(next(loftq_iterates(W.float(), 16, spec, 1)).error(W.float()))
+        qpissa = nuclear(next(qpissa_iterates(W.float(), 16, spec, 1)).error(W.float()))
+        assert qpissa < loftq < qlora, name
+
