@@ -210,6 +210,17 @@ def test_init_dir_equals_on_the_fly(tmp_path, tiny_dir, data_file):
     torch.testing.assert_close(losses(tmp_path / "from_init"), losses(tmp_path / "fly"), rtol=1e-5, atol=1e-6)
 
 
+def test_grad_accumulation_and_checkpointing_leave_losses_unchanged(tmp_path, tiny_dir, data_file):
+    """batch 4 == 2 micro-batches of 2 (token-weighted), and gradient checkpointing changes no number."""
+    kw = dict(method="pissa", max_steps=4)
+    SFTRecipe(config(tmp_path, tiny_dir, data_file, "plain", **kw)).run()
+    SFTRecipe(config(tmp_path, tiny_dir, data_file, "accum", batch_size=2, grad_accum=2, **kw)).run()
+    SFTRecipe(config(tmp_path, tiny_dir, data_file, "ckpt", gradient_checkpointing=True, **kw)).run()
+    plain = losses(tmp_path / "plain")
+    torch.testing.assert_close(losses(tmp_path / "ckpt"), plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses(tmp_path / "accum"), plain, rtol=1e-4, atol=1e-5)
+
+
 DDP_SCRIPT = """
 import sys
 from pissa.train import SFTRecipe, TrainConfig
