@@ -6,7 +6,6 @@ adapters on one untouched base; stock PEFT in a process without pissa; bad input
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -419,18 +418,19 @@ def test_cli_convert_error_is_one_line(run, tmp_path):
 # --- SmolLM2 ---------------------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_smollm2_converted_equals_trained(tmp_path, smollm2_dir):
-    init = make_init(smollm2_dir, tmp_path / "init", rank=8, alpha=16, targets=["q_proj", "v_proj", "down_proj"],
+def test_smollm2_converted_equals_trained(tmp_path, smollm2_dir, smollm2_tokenizer):
+    """Compared in float64: the fp32 evaluation noise of SmolLM2 alone is ~7e-5 on these logits (the
+    step-0 init vs the original model differ that much), which would leave 1e-4 no margin."""
+    init = make_init(smollm2_dir, tmp_path / "init", rank=8, alpha=16, targets=["q_proj", "v_proj"],
                      options={"niter": 2})
     trained = train_pissa(init, tmp_path / "trained", steps=2, lr=1e-3, length=12)
     result = convert_to_lora(tmp_path / "trained", init, tmp_path / "lora")
-    assert len(result.layers) == 90
-    tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(1))
-    expected = logits(trained, tokens)
+    assert len(result.layers) == 60
+    tokens = smollm2_tokenizer("Question: what is 12 + 7? Answer:", return_tensors="pt").input_ids
+    expected = logits(trained.double(), tokens)
     del trained
-    converted = load_with_adapter(smollm2_dir, tmp_path / "lora")
+    converted = load_with_adapter(smollm2_dir, tmp_path / "lora").double()
     got = logits(converted, tokens)
     with converted.disable_adapter():
-        assert got.sub(logits(converted, tokens)).abs().max() > 1e-3  # training changed the model
+        assert got.sub(logits(converted, tokens)).abs().max() > 1e-2  # training changed the model
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    assert math.isfinite(result.max_rel_err)
