@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from pissa.adapters import PissaConfig
-from pissa.checkpoint.adapter_io import lora_pairs, read_adapter
+from pissa.checkpoint.adapter_io import lora_pairs, read_adapter, write_adapter
 from pissa.convert import convert_to_lora, layer_scale
 from pissa.errors import PissaError
 from pissa.initialize import run_init
@@ -158,8 +158,6 @@ def test_agrees_with_peft_own_conversion(use_rslora, tmp_path, tiny_llama_dir):
 def test_modules_to_save_are_copied_through(tmp_path, tiny_llama_dir, tokens):
     """A fully trained module (not decomposed) applies to the original model unchanged."""
     from safetensors.torch import load_file
-
-    from pissa.checkpoint.adapter_io import write_adapter
 
     init = make_init(tiny_llama_dir, tmp_path / "init", rank=4, targets=["q_proj", "v_proj"])
     train_pissa(init, tmp_path / "trained")
@@ -316,12 +314,20 @@ def test_refuses_init_of_a_different_model(run, tmp_path):
     make_init(tmp_path / "wide", tmp_path / "init-wide", rank=4, alpha=8)
     with pytest.raises(PissaError, match=r"layer model\.layers\.0\.mlp\..*different rank or model"):
         convert_to_lora(root / "trained", tmp_path / "init-wide", tmp_path / "out")
-    # same architecture, other weights: the shapes agree but the factors do not
+    # same architecture, other weights: the shapes agree, but the adapter names the residual it was trained on
     build_tiny_llama(seed=7).save_pretrained(tmp_path / "other")
     make_init(tmp_path / "other", tmp_path / "init-other", rank=4, alpha=8)
-    with pytest.raises(PissaError, match=r"does not look trained from .*init-other"):
+    with pytest.raises(PissaError, match=r"was trained on .*/init/residual, whose init folder .* differs from --init"):
         convert_to_lora(root / "trained", tmp_path / "init-other", tmp_path / "out")
+    # ... and without that record (trained elsewhere), the factors themselves do not match
+    config, state = read_adapter(root / "trained")
+    write_adapter(tmp_path / "moved", {**config, "base_model_name_or_path": "/elsewhere/init/residual"}, state)
+    with pytest.raises(PissaError, match=r"does not look trained from .*init-other.*median cosine"):
+        convert_to_lora(tmp_path / "moved", tmp_path / "init-other", tmp_path / "out")
     assert_nothing_written(tmp_path, tmp_path / "out")
+    # a copy of the right init folder is accepted
+    shutil.copytree(root / "init", tmp_path / "init-copy")
+    convert_to_lora(root / "trained", tmp_path / "init-copy", tmp_path / "from-copy")
 
 
 def test_refuses_a_plain_lora_adapter(run, tmp_path):

@@ -141,6 +141,18 @@ def check_config_ranks(config: dict, pairs: dict, folder: Path) -> None:
                              f"{A.shape[0]}; the adapter folder is inconsistent, re-save it")
 
 
+def check_provenance(trained_config: dict, init_dir: Path, trained_dir: Path) -> None:
+    """Refuse an adapter whose config names the residual of another, still existing, init folder."""
+    trained_on = Path(str(trained_config.get("base_model_name_or_path") or ""))
+    other = trained_on.parent
+    if trained_on.name != "residual" or not (other / "pissa.json").exists() or other.resolve() == init_dir.resolve():
+        return
+    weights = "adapter_model.safetensors"
+    if (other / INIT_ADAPTER_DIR / weights).read_bytes() != (init_dir / INIT_ADAPTER_DIR / weights).read_bytes():
+        raise PissaError(f"{trained_dir} was trained on {trained_on}, whose init folder {other} differs from --init "
+                         f"{init_dir}; pass --init {other}")
+
+
 def init_similarity(trained: tuple[torch.Tensor, torch.Tensor], init: tuple[torch.Tensor, torch.Tensor]) -> float:
     """Cosine between the trained and initial (A, B) of one layer, as one flattened vector each."""
     x = torch.cat([t.float().flatten() for t in trained])  # (r·in + out·r,)
@@ -266,8 +278,10 @@ def convert_to_lora(
     trained_config, trained, others = read_lora_adapter(trained_dir, "trained adapter")
     check_config_ranks(trained_config, trained, trained_dir)
     check_same_layers(trained, init, trained_dir, init_dir)
-    similarity = {m: init_similarity(trained[m], init[m]) for m in trained}
     if check_init:
+        check_provenance(trained_config, init_dir, trained_dir)
+    similarity = {m: init_similarity(trained[m], init[m]) for m in trained}
+    if check_init:  # after the provenance check: its message is the more precise one
         check_init_match(similarity, trained_dir, init_dir)
     if rank is not None:
         check_compress_rank(rank, trained)
