@@ -139,9 +139,12 @@ def stream_init(
     state = fingerprint(plan, config, device.split(":")[0], threads)
     resumed = prepare_work(work, state, resume) if ranks.is_main else 0
     ranks.barrier()
-    jobs = [j for j in shard_jobs(plan, config, work, device, threads) if read_record(work, j.shard) is None]
-    total = len(plan.targets)
-    run_jobs(ranks.share(jobs), workers, progress, total, total - sum(len(j.targets) for j in jobs))
+    # Split all shards (not just the unfinished ones), so every rank sees the same split even while
+    # another rank is already recording finished shards.
+    mine = ranks.share(shard_jobs(plan, config, work, device, threads))
+    jobs = [j for j in mine if read_record(work, j.shard) is None]
+    total = sum(len(j.targets) for j in mine)
+    run_jobs(jobs, workers, progress, total, total - sum(len(j.targets) for j in jobs))
     ranks.barrier()
     if ranks.is_main:
         manifest = finalize(model, plan, config, work, out)
