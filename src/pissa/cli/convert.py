@@ -27,9 +27,11 @@ def convert_command(
 ):
     """Rewrite a trained PiSSA adapter as a LoRA adapter that applies to the ORIGINAL model.
 
-    ΔW = s·(B'A' - BA) becomes a rank-2r LoRA ([A'; A], [B' | -B]) with alpha and rsLoRA
-    scaling handled, so `PeftModel.from_pretrained(original, OUT)` reproduces the trained model
-    and other adapters can share the untouched base. Works on the adapter files alone.
+    ΔW = s·(B'A' - BA) becomes a rank-2r LoRA ([A'; A], [B' | -B]), alpha and rsLoRA handled.
+
+    `PeftModel.from_pretrained(original, OUT)` then reproduces the trained model, beside any other adapters.
+
+    Works on the adapter files alone: no model is loaded.
 
     Examples:
 

@@ -21,7 +21,7 @@ def merge_command(
 ):
     """Merge an adapter into its base and write a standalone model in the base's dtype.
 
-    Streams one shard at a time, copies config and tokenizer files, and rebuilds the shard index.
+    Streams one shard at a time, copies config and tokenizer files, rebuilds the shard index.
 
     Examples:
 
