@@ -379,3 +379,16 @@ def test_qpissa_streams_like_in_memory(sharded_dir, tmp_path):
 
     assert read_record(tmp_path / "s/residual") == read_record(tmp_path / "m/residual") == streamed.manifest[
         "quantization"]
+
+
+@pytest.mark.integration
+def test_smollm2_streamed_equals_in_memory(smollm2_dir, tmp_path):
+    """The embedded SmolLM2-135M (tied embeddings, real tokenizer files) through both paths."""
+    config = PissaConfig(rank=8, options={"niter": 2}, targets=["q_proj", "down_proj"])
+    streamed = run_init("smollm2-135m", config, tmp_path / "s")
+    run_init("smollm2-135m", config, tmp_path / "m", stream=False)
+    assert streamed.manifest["stream"]["shards"] == 1 and streamed.manifest["summary"]["layers"] == 30 * 2
+    assert_same_output(tmp_path / "s", tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (tmp_path / "s/residual" / name).read_bytes() == (Path(smollm2_dir) / name).read_bytes()
+        assert (tmp_path / "s/adapter" / name).exists()
