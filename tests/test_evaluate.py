@@ -283,3 +283,18 @@ def test_config_refuses_bad_limits():
         EvalConfig(max_new_tokens=-5)
     with pytest.raises(PissaError, match="unknown task"):
         EvalConfig(task="humaneval")
+
+
+def test_eval_pissa_adapter_on_the_original_model_is_refused(tmp_path, tiny_lm_dir):
+    """Same shapes, wrong base: the principal part would be counted twice."""
+    init = tmp_path / "init"
+    assert runner.invoke(app, ["init", str(tiny_lm_dir), "--rank", "2", "--out", str(init)]).exit_code == 0
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["eval", str(tiny_lm_dir), "--adapter", str(init / "adapter"), "--out", str(out)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "is a PiSSA adapter for the residual model" in text and "pissa convert" in text
+    assert not out.exists()
+    # Its own residual is accepted.
+    ok = runner.invoke(app, ["eval", str(init / "residual"), "--adapter", str(init / "adapter"), "--limit", "1",
+                             "--max-new-tokens", "2", "--out", str(out)])
+    assert ok.exit_code == 0, ok.output

@@ -103,6 +103,21 @@ def check_adapter_fits(model, adapter: Path, model_name: str) -> None:
                              f"has {out_features}x{in_features}; evaluate it on the base model it was trained on")
 
 
+def check_pissa_base(target: Target) -> None:
+    """Refuse a PiSSA adapter on anything but its residual: on the original model the principal
+    part would count twice (shapes match, so nothing else would notice)."""
+    from .models import resolve_model
+
+    base = read_adapter_config(target.adapter).get("base_model_name_or_path") or ""
+    residual = Path(base)
+    if not (residual.name == "residual" and (residual.parent / "pissa.json").exists()):
+        return  # not a PiSSA adapter from a `pissa init` folder (LoRA, converted, or moved)
+    if residual.resolve() != Path(resolve_model(target.model)).resolve():
+        raise PissaError(f"adapter {target.adapter} is a PiSSA adapter for the residual model {residual}, not for "
+                         f"{target.model}; evaluate it on that residual (pass {residual.parent} as RUN_OR_MODEL), or "
+                         f"convert it to a LoRA for the original model with `pissa convert`")
+
+
 def load_target(target: Target, dtype: str = "auto", trust_remote_code: bool = False):
     """(model with the adapter applied, tokenizer) ready to evaluate."""
     from .models import load_model
@@ -116,6 +131,7 @@ def load_target(target: Target, dtype: str = "auto", trust_remote_code: bool = F
         from peft import PeftModel
 
         check_adapter_fits(model, target.adapter, target.model)
+        check_pissa_base(target)
         model = PeftModel.from_pretrained(model, str(target.adapter))
     return model.eval(), tokenizer
 
