@@ -130,6 +130,34 @@ def test_loftq_step_one_keeps_the_top_of_the_qlora_error():
     assert nuclear(it.error(W)) == pytest.approx(S_err[8:].sum().item(), rel=1e-4)
 
 
+def on_cpu_instead_of_cuda(monkeypatch):
+    """PEFT's loftq_init hard-codes a cuda/xpu compute device; send those moves to the CPU."""
+    real_to = torch.Tensor.to
+
+    def is_cuda(a):
+        return (isinstance(a, str) and a.startswith("cuda")) or (isinstance(a, torch.device) and a.type == "cuda")
+
+    def to(self, *args, **kwargs):
+        args = tuple("cpu" if is_cuda(a) else a for a in args)
+        if is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+def test_loftq_agrees_with_peft_loftq_init(monkeypatch, iters):
+    from peft.utils.loftq_utils import loftq_init
+
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(8)) * 0.02  # (out, in)
+    on_cpu_instead_of_cuda(monkeypatch)
+    Q, A, B = loftq_init(W, num_bits=4, reduced_rank=8, num_iter=iters)  # PEFT: A (r, in), B (out, r)
+    monkeypatch.undo()
+    ours = list(loftq_iterates(W, 8, QuantSpec(), iters))[-1]
+    assert torch.equal(ours.Q, Q)
+    torch.testing.assert_close(ours.B @ ours.A, B @ A, rtol=0, atol=1e-7)
+
 def test_error_ordering_on_a_tiny_model(structured_llama):
     """Paper table 4 / 8: QPiSSA < LoftQ < QLoRA at equal T, and QPiSSA's T = 5 <= T = 1."""
     spec = QuantSpec()
@@ -225,7 +253,7 @@ def test_saved_residual_loads_in_4bit_as_fitted(structured_dir, tmp_path, tokens
     quantized = PeftModel.from_pretrained(loaded, out / "adapter").train()
     reference = fitted_reference(structured_dir, out).train()
     with torch.no_grad():
-        torch.testing.assert_close(quantized(tokens).logits, reference(tokens).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(quantized(tokens).logits, reference(tokens).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_mismatched_loading_config_is_detected(structured_dir, tmp_path):
