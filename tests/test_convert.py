@@ -134,6 +134,20 @@ def test_plain_lora_factors_are_copied_bit_for_bit(run):
         assert torch.equal(B, torch.cat([trained[m][1], -init[m][1]], dim=1))
 
 
+def test_bf16_trained_adapter_keeps_both_halves_exact(run, tmp_path):
+    """A bf16 trained adapter with an fp32 init is written in fp32, so neither half is rounded."""
+    root, _ = run
+    config, state = read_adapter(root / "trained")
+    write_adapter(tmp_path / "bf16", config, {k: v.bfloat16() for k, v in state.items()})
+    convert_to_lora(tmp_path / "bf16", root / "init", tmp_path / "lora")
+    new, trained = lora_pairs(read_adapter(tmp_path / "lora")[1]), lora_pairs(read_adapter(tmp_path / "bf16")[1])
+    init = lora_pairs(read_adapter(root / "init" / "adapter")[1])
+    for m, (A, B) in new.items():
+        assert A.dtype == B.dtype == torch.float32
+        assert torch.equal(A, torch.cat([trained[m][0].float(), init[m][0]]))
+        assert torch.equal(B, torch.cat([trained[m][1].float(), -init[m][1]], dim=1))
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_agrees_with_peft_own_conversion(use_rslora, tmp_path, tiny_llama_dir):
     """PEFT converts inside a live model (save_pretrained(path_initial_model_for_weight_conversion=));

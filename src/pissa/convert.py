@@ -202,8 +202,8 @@ def scaled(t: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
 def stack_2r(trained, init, s_t: float, s_i: float, s_out: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-2r factors with s_out · B2 @ A2 = s_t·B'A' - s_i·BA."""
     (A1, B1), (A0, B0) = trained, init
-    dtype = A1.dtype
-    A2 = torch.cat([A1, A0.to(dtype)], dim=0)  # (2r, in)
+    dtype = torch.promote_types(A1.dtype, A0.dtype)  # bf16 trained + fp32 init: fp32 keeps both exact
+    A2 = torch.cat([A1.to(dtype), A0.to(dtype)], dim=0)  # (2r, in)
     B2 = torch.cat([scaled(B1, s_t / s_out, dtype), scaled(B0, -s_i / s_out, dtype)], dim=1)  # (out, 2r)
     return A2, B2
 
