@@ -57,7 +57,9 @@ def train_command(
 
       pissa train --model smollm2-135m --method lora --lr 2e-4 --data my.jsonl --epochs 3 --out runs/lora
 
-      accelerate launch --num_processes 2 -m pissa.cli train --model smollm2-135m --out runs/ddp
+      accelerate launch --multi_gpu --num_processes 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp
+
+      torchrun --nproc_per_node 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp-cpu   # CPU, gloo
 
       pissa train --model smollm2-135m --method pissa --max-steps 200 --save-steps 50 --out runs/pissa --resume
 
