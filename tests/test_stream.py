@@ -71,6 +71,12 @@ def test_streamed_equals_in_memory(sharded_dir, tmp_path):
     assert out_index["metadata"]["total_size"] == src_index["metadata"]["total_size"]
     for shard in set(src_index["weight_map"].values()):
         assert (tmp_path / "s/residual" / shard).exists()
+    # non-targeted tensors (embeddings, norms, head) are copied verbatim; targeted ones changed
+    source, residual = tensors(sharded_dir), tensors(tmp_path / "s/residual")
+    targeted = {f"{name}.weight" for name in streamed.manifest["layers"]}
+    assert len(targeted) == 14 and "lm_head.weight" not in targeted
+    for k in source:
+        assert torch.equal(source[k], residual[k]) == (k not in targeted), k
     # adapter_config equal to PEFT's own save (only the residual's path differs)
     cfg_s = json.loads((tmp_path / "s/adapter/adapter_config.json").read_text())
     cfg_m = json.loads((tmp_path / "m/adapter/adapter_config.json").read_text())

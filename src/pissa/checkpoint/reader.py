@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import PissaError
 
@@ -116,7 +115,8 @@ class CheckpointReader:
     """Lazy access to the tensors of a safetensors checkpoint folder (single file or sharded).
 
     `weight_map` maps tensor name -> shard file name; `headers` holds each shard's parsed header.
-    Construction validates the whole layout; tensor data is read only by `tensors`/`get`.
+    Construction validates the whole layout without reading tensor data; readers then open one
+    shard at a time with `safe_open` (see checkpoint.shard_job).
     """
 
     def __init__(self, folder: str | Path):
@@ -178,24 +178,6 @@ class CheckpointReader:
     def entries(self, shard: str) -> tuple[TensorEntry, ...]:
         """The tensors of `shard` that the index assigns to it, in file order."""
         return tuple(t for t in self.headers[shard].tensors if self.weight_map.get(t.name) == shard)
-
-    def tensors(self, shard: str):
-        """Yield (name, tensor) for `shard` in file order, one tensor in memory at a time."""
-        path = self.folder / shard
-        try:
-            with safe_open(path, framework="pt") as f:
-                for t in self.entries(shard):
-                    yield t.name, f.get_tensor(t.name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{path} could not be read ({e}); re-download or re-export {shard}") from e
-
-    def get(self, name: str) -> torch.Tensor:
-        path = self.folder / self.weight_map[name]
-        try:
-            with safe_open(path, framework="pt") as f:
-                return f.get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{path} could not be read ({e}); re-download or re-export it") from e
 
 
 def is_safetensors_folder(folder: str | Path) -> bool:
