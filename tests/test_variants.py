@@ -319,3 +319,27 @@ def test_no_warnings_from_a_converging_robust_fit():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         decompose(outlier_matrix(8), "robust", 3)
+
+
+# ---------------------------------------------------------------- conversion to LoRA (pissa.convert)
+
+
+@pytest.mark.parametrize("method,options,targets", [
+    ("cur", {}, None),
+    ("robust", FAST_ROBUST, None),
+    pytest.param("pissa", {}, ["embed_tokens", "q_proj", "v_proj"], marks=pytest.mark.xfail(
+        strict=True, raises=PissaError,
+        reason="pissa.convert reads lora_A/lora_B only and refuses lora_embedding_A/B (clearly, nothing written)")),
+], ids=["cur", "robust", "embedding"])
+def test_new_methods_convert_to_lora(method, options, targets, tmp_path, tiny_llama_dir, tokens):
+    """After real training steps, original model + converted 2r LoRA == residual + trained adapter."""
+    from pissa.convert import convert_to_lora
+    from test_convert import load_with_adapter, make_init, train_pissa
+
+    init = make_init(tiny_llama_dir, tmp_path / "init", rank=4, method=method, options=options, targets=targets)
+    trained = train_pissa(init, tmp_path / "trained")
+    convert_to_lora(tmp_path / "trained", init, tmp_path / "lora")
+    converted = load_with_adapter(tiny_llama_dir, tmp_path / "lora")
+    torch.testing.assert_close(logits(converted, tokens), logits(trained, tokens), atol=1e-5, rtol=0)
+    with torch.no_grad(), converted.disable_adapter():
+        assert (converted(tokens).logits - logits(trained, tokens)).abs().max() > 1e-2
