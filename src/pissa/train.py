@@ -125,6 +125,8 @@ class TrainConfig:
                 raise PissaError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise PissaError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise PissaError(f"--warmup-ratio is a fraction of the steps in [0, 1), got {self.warmup_ratio}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
             raise PissaError("nothing to train: give --max-steps > 0 or --epochs > 0")
 
