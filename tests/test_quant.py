@@ -386,9 +386,12 @@ def test_quant_report_cli_matches_direct_measurement(structured_dir, structured_
     assert {(r["fit"], r["rank"], r["iters"]) for r in summary} >= {("qpissa", "8", "2"), ("loftq", "4", "1")}
 
 
-def test_quant_report_refuses_bad_iters(structured_dir, tmp_path):
+def test_quant_report_refuses_bad_settings(structured_dir, tmp_path):
     result = runner.invoke(app, ["quant-report", str(structured_dir), "--iters", "0", "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "--quant-iters must be >= 1" in result.output
+    assert result.exit_code == 2 and "--iters must be >= 1" in result.output
+    result = runner.invoke(app, ["quant-report", str(structured_dir), "--quant-type", "q3",
+                                 "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "unsupported quant type 'q3'" in result.output
     assert not (tmp_path / "r").exists()
 
 

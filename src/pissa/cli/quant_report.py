@@ -3,6 +3,7 @@ QLoRA, per layer type) for any model, written as CSV, markdown and a PNG bar cha
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -67,12 +68,15 @@ def quant_report_command(
 
     with user_errors():
         check_output_dir(out, overwrite)
+        # Refuse bad settings before the (slow) model load; the dtype is known only after it.
+        config = ReportConfig(ranks=list(ranks), iters=list(iters), spec=QuantSpec(quant_type, double_quant),
+                              niter=niter, seed=seed)
         start = time.perf_counter()
         weights, path = model_weights(model, dtype, list(targets) or None)
         first = next(iter(weights.values()))
         spec = QuantSpec(quant_type=quant_type, double_quant=double_quant,
                          dtype=str(first.dtype).removeprefix("torch."))
-        config = ReportConfig(ranks=list(ranks), iters=list(iters), spec=spec, niter=niter, seed=seed)
+        config = dataclasses.replace(config, spec=spec)
         with layer_progress("measuring") as progress:
             rows = measure(weights.items(), config, total=len(weights), progress=progress)
         svd = "exact SVD" if niter is None else f"randomized SVD, niter={niter}"

@@ -43,9 +43,9 @@ class Iterate:
         return W32 - self.Q - self.B @ self.A  # (out, in)
 
 
-def check_iters(iters: int) -> None:
+def check_iters(iters: int, flag: str = "--quant-iters") -> None:
     if iters < 1:
-        raise QuantizationError(f"--quant-iters must be >= 1 (1 = plain QPiSSA, paper uses 5), got {iters}")
+        raise QuantizationError(f"{flag} must be >= 1 (1 = one step, the paper uses 5), got {iters}")
 
 
 def low_rank(target: torch.Tensor, rank: int, method: str, options: dict | None, seed: int):

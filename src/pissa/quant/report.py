@@ -45,7 +45,7 @@ class ReportConfig:
         if not self.iters:
             raise QuantizationError("--iters needs at least one value")
         for t in self.iters:
-            check_iters(t)
+            check_iters(t, "--iters")
         self.ranks, self.iters = sorted(set(self.ranks)), sorted(set(self.iters))
 
     @property
