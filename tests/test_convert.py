@@ -187,6 +187,17 @@ def test_modules_to_save_are_copied_through(tmp_path, tiny_llama_dir, tokens):
         assert logits(converted, tokens).sub(logits(trained, tokens)).abs().max() > 1e-2
 
 
+def test_qpissa_init_is_converted_with_a_note(run, tmp_path, tiny_llama_dir):
+    """With a quantized residual, ΔW is still exact but W + ΔW is not the trained Q(W_res) + B'A': say so."""
+    pytest.importorskip("bitsandbytes")
+    root, _ = run
+    init = make_init(tiny_llama_dir, tmp_path / "qinit", rank=4, quantize="nf4", quant_iters=1)
+    result = convert_to_lora(init / "adapter", init, tmp_path / "lora")  # untrained: ΔW = 0
+    assert len(result.notes) == 1 and "quantized (QPiSSA)" in result.notes[0]
+    assert max(info["delta_fro"] for info in result.layers.values()) < 1e-9
+    assert convert_to_lora(root / "trained", root / "init", tmp_path / "plain").notes == []
+
+
 # --- compression ---------------------------------------------------------------------------------
 
 def dense_delta(root, trained="trained"):

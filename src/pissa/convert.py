@@ -50,6 +50,7 @@ class ConvertResult:
     layers: dict[str, dict]  # module -> {rank_in, rank_out, delta_fro, err_fro, rel_err, init_similarity}
     seconds: float
     config: dict = field(repr=False)
+    notes: list[str] = field(default_factory=list)  # what the user should know (e.g. a quantized residual)
 
     @property
     def max_rel_err(self) -> float:
@@ -148,6 +149,8 @@ def check_provenance(trained_config: dict, init_dir: Path, trained_dir: Path) ->
     if trained_on.name != "residual" or not (other / "pissa.json").exists() or other.resolve() == init_dir.resolve():
         return
     weights = "adapter_model.safetensors"
+    if not (other / INIT_ADAPTER_DIR / weights).exists():
+        return
     if (other / INIT_ADAPTER_DIR / weights).read_bytes() != (init_dir / INIT_ADAPTER_DIR / weights).read_bytes():
         raise PissaError(f"{trained_dir} was trained on {trained_on}, whose init folder {other} differs from --init "
                          f"{init_dir}; pass --init {other}")
@@ -312,4 +315,13 @@ def convert_to_lora(
         record = {"kind": "pissa-convert", "trained_adapter": str(trained_dir.resolve()),
                   "init": str(init_dir.resolve()), "rank": rank, "layers": layers}
         (tmp / CONVERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return ConvertResult(out=out, rank=rank, layers=layers, seconds=time.perf_counter() - start, config=config)
+    return ConvertResult(out=out, rank=rank, layers=layers, seconds=time.perf_counter() - start, config=config,
+                         notes=quantization_notes(manifest))
+
+
+def quantization_notes(manifest: dict) -> list[str]:
+    """QPiSSA trains on Q(W_res): W + ΔW then differs from the trained model by that quantization error."""
+    if not manifest.get("quantization"):
+        return []
+    return ["the init's residual was quantized (QPiSSA): the adapter holds ΔW exactly, but original + adapter "
+            "differs from the trained Q(W_res) + B'A' by the residual's quantization error (paper, appendix C)"]

@@ -57,3 +57,5 @@ def convert_command(
     rows += [("wall time", f"{result.seconds:.1f} s"), (str(out), human_bytes(result.size()))]
     console.print(summary_table(f"pissa convert: {trained} -> {out}", rows))
     console.print(f"per-layer errors: {out / 'conversion.json'}")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
