@@ -1,6 +1,6 @@
 """The follow-up report's variants on real weights: are its claims true on SmolLM2-135M?
 
-For a sample of SmolLM2 layers (the first, middle and last block; q, k, o, up, down projections)
+For a sample of SmolLM2 layers (default: first and last block; q, k and down projections)
 and ranks 4 and 16, in fp32:
 - Robust PiSSA: entrywise l1 error ||W - B @ A||_1 of the truncated SVD (PiSSA) vs the robust fit
   with IRLS and with the report's Huber gradient descent (Algorithm 1), and their wall times;
@@ -28,17 +28,18 @@ import torch
 from pissa.decompose import decompose
 
 RESULTS = Path(__file__).parent / "results"
-PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"]
+PROJ = ["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"]
 
 
-def load_weights(blocks: list[int]) -> dict[str, torch.Tensor]:
+def load_weights(blocks: list[int], projections: list[str]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     from pissa.embedded import resolve_embedded
 
     path = Path(resolve_embedded("smollm2-135m")) / "model.safetensors"
     with safe_open(path, "pt") as f:
-        return {f"layers.{b}.{p}": f.get_tensor(f"model.layers.{b}.{p}.weight").float() for b in blocks for p in PROJ}
+        return {f"layers.{b}.{p}": f.get_tensor(f"model.layers.{b}.{p}.weight").float()
+                for b in blocks for p in projections}
 
 
 def timed(fn):
@@ -98,18 +99,20 @@ def fmt_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[0, 15, 29])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[0, 29])
+    parser.add_argument("--proj", nargs="+", default=PROJ)
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "variants.md")
     args = parser.parse_args()
     start = time.perf_counter()
-    weights = load_weights(args.blocks)
+    weights = load_weights(args.blocks, args.proj)
     l1_rows, cur_rows, q_rows = [], [], []
     for rank in args.ranks:
         for name, W in weights.items():
-            print(f"rank {rank} {name}", flush=True)
-            l1, cu, q = l1_row(W, rank), cur_row(W, rank, args.seeds), quant_row(W, rank)
+            (l1, cu, q), t = timed(lambda W=W, rank=rank: (l1_row(W, rank), cur_row(W, rank, args.seeds),
+                                                           quant_row(W, rank)))
+            print(f"rank {rank} {name}: {t:.0f} s", flush=True)
             l1_rows.append((rank, name, l1))
             cur_rows.append((rank, name, cu))
             if q is not None:
@@ -123,6 +126,7 @@ def main() -> None:
 def report(args, l1_rows, cur_rows, q_rows, seconds: float) -> str:
     lines = ["# Variants of the follow-up report on SmolLM2-135M layers", "",
              f"Command: `.venv/bin/python benchmarks/bench_variants.py --blocks {' '.join(map(str, args.blocks))} "
+             f"--proj {' '.join(args.proj)} "
              f"--ranks {' '.join(map(str, args.ranks))} --seeds {args.seeds}`", "",
              "fp32 weights of SmolLM2-135M-Instruct (hidden 576, MLP 1536). Times are wall seconds on a shared "
              "2-core CPU machine with other jobs running: compare them within a row only.", "",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ METHODS = {  # label -> (registry method, options); None = full fine-tuning
     "minor": ("pissa", {"components": "minor"}),
     "CURA": ("cur", {}),  # the report's factors: A = sampled rows of W, B = C pinv(W[I, J])
     "CURA balanced": ("cur", {"balance": True}),  # same product, PiSSA-like factor norms
+    "CURA projection": ("cur", {"core": "projection"}),  # U = pinv(C) W pinv(R): Frobenius-optimal core
     "Robust": ("robust", {}),
     "full FT": None,
 }
@@ -97,17 +99,20 @@ def pretrain(split, seed: int, steps: int) -> MLP:
 def finetune(base: MLP, label: str, split, args, seed: int) -> dict:
     Xtr, ytr, Xte, yte = split["even"]
     model = copy.deepcopy(base)
+    extra = {}
     if METHODS[label] is None:
         params = list(model.parameters())
     else:
         method, options = METHODS[label]
-        model, _ = init_model(model, PissaConfig(rank=args.rank, method=method, options=options, seed=seed,
-                                                 targets=["fc1", "fc2"]))
+        model, report = init_model(model, PissaConfig(rank=args.rank, method=method, options=options, seed=seed,
+                                                      targets=["fc1", "fc2"]))
         params = [p for p in model.parameters() if p.requires_grad]
+        norms = {n: getattr(base, n).weight.norm().item() for n in ("fc1", "fc2")}
+        extra = {"residual_ratio": {n: report[n]["residual_fro"] / norms[n] for n in norms}}
     before = evaluate(model, Xte, yte)
     curve = train(model, params, Xtr, ytr, args.steps, args.lr, args.batch, seed=1000 + seed)
     loss, acc = evaluate(model, Xte, yte)
-    return {"curve": curve, "test_loss": loss, "test_acc": acc, "init_test_loss": before[0]}
+    return {"curve": curve, "test_loss": loss, "test_acc": acc, "init_test_loss": before[0], **extra}
 
 
 def smooth(curve: list[float], k: int = 10) -> list[float]:
@@ -164,7 +169,16 @@ def markdown(results: dict, args, seconds: float) -> str:
             cells.append(f"{statistics.fmean(vals):.3f} [{min(vals):.3f}-{max(vals):.3f}]")
         test = statistics.fmean(r["test_loss"] for r in runs)  # nan if any seed diverged
         acc = statistics.fmean(r["test_acc"] for r in runs)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {test:.3f} | {acc:.1%} |")
+        diverged = sum(not math.isfinite(r["curve"][-1]) for r in runs)
+        acc_cell = f"{acc:.1%}" if not diverged else f"diverged ({diverged}/{len(runs)} seeds)"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {test:.3f} | {acc_cell} |")
+    lines += ["", "Initial size of each adapter's part of W (seed 0): ||W_res||_F / ||W||_F per layer, the residual "
+              "the adapter must be trained against:", "",
+              "| method | fc1 | fc2 |", "|---|---|---|"]
+    for label, runs in results.items():
+        if "residual_ratio" in runs[0]:
+            ratio = runs[0]["residual_ratio"]
+            lines.append(f"| {label} | {ratio['fc1']:.3f} | {ratio['fc2']:.3f} |")
     lines += ["", f"Wall time {seconds:.0f} s on a shared 2-core CPU machine (other jobs were running)."]
     return "\n".join(lines) + "\n"
 

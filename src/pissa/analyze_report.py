@@ -68,7 +68,7 @@ def markdown(analysis: Analysis, config: AnalyzeConfig, model: str) -> str:
     lines = [f"# pissa analyze: {model}", "",
              f"method `{config.method}`, rank {config.rank}; W_res = W minus the rank-{config.rank} adapter part.", "",
              "## Spectra (paper fig. 3a/b): `spectra.png`", "",
-             "| layer | sigma_max(W) | sigma_max(W_res) | share of ||W||_F^2 in the top r |", "|---|---|---|---|"]
+             "| layer | sigma_max(W) | sigma_max(W_res) | share of ‖W‖_F² in the top r |", "|---|---|---|---|"]
     for name, s in analysis.spectra.items():
         lines.append(f"| {name} | {fmt(s['s_max'])} | {fmt(s['s_res_max'])} | {s['top_r_energy']:.1%} |")
     lines += ["", "## Value distributions with Gaussian fits (appendix G): `distributions.png`", "",
