@@ -258,7 +258,7 @@ class Demo:
         title = f"pissa demo: PiSSA vs LoRA on {model}"
         return write_report(runs, self.out, title=title, overwrite=self.overwrite, sections=demo_sections(self),
                             extra_files={"spectrum.png": self.spectrum_png, "demo.json": self.work / "demo.json"},
-                            source=f"by `pissa demo` ({self.command()}); every number below was computed in that run.")
+                            source=f"by `{self.command()}`; every number below was computed in that run.")
 
     def command(self) -> str:
         c, defaults = self.config, DemoConfig()
