@@ -126,13 +126,17 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    finite = [max(r["curve"]) for runs in results.values() for r in runs if math.isfinite(r["curve"][-1])]
     for label, runs in results.items():
         curves = torch.tensor([smooth(r["curve"]) for r in runs])  # (seeds, steps)
         mean = curves.mean(0)
-        line, = ax.plot(mean.numpy(), label=label, lw=1.4, ls="--" if label == "full FT" else "-")
+        diverged = sum(not math.isfinite(r["curve"][-1]) for r in runs)
+        name = f"{label} (diverged {diverged}/{len(runs)})" if diverged else label
+        line, = ax.plot(mean.numpy(), label=name, lw=1.4, ls="--" if label == "full FT" else "-")
         ax.fill_between(range(curves.shape[1]), curves.min(0).values.numpy(), curves.max(0).values.numpy(),
                         color=line.get_color(), alpha=0.15)
     ax.set_yscale("log")
+    ax.set_ylim(top=2 * max(finite))  # diverging runs leave the plot instead of squashing it
     ax.set_xlabel("fine-tuning step (even digits)")
     ax.set_ylabel("training loss (10-step mean)")
     ax.set_title("MLP pre-trained on odd digits, fine-tuned on even digits (mean, min-max over seeds)")
@@ -172,8 +176,12 @@ def markdown(results: dict, args, seconds: float) -> str:
         diverged = sum(not math.isfinite(r["curve"][-1]) for r in runs)
         acc_cell = f"{acc:.1%}" if not diverged else f"diverged ({diverged}/{len(runs)} seeds)"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {test:.3f} | {acc_cell} |")
-    lines += ["", "Initial size of each adapter's part of W (seed 0): ||W_res||_F / ||W||_F per layer, the residual "
-              "the adapter must be trained against:", "",
+    finals = {label: statistics.fmean(at(r["curve"], args.steps) for r in runs) for label, runs in results.items()}
+    ranked = sorted((v, k) for k, v in finals.items() if math.isfinite(v))
+    lines += ["", "Ranking by final training loss (diverged runs left out): "
+              + " < ".join(f"{k} ({v:.3f})" for v, k in ranked) + "."]
+    lines += ["", "Relative residual ‖W_res‖_F / ‖W‖_F after init (seed 0), i.e. how much of W each init moves "
+              "into the trainable adapter (above 1: the adapter and the residual cancel each other):", "",
               "| method | fc1 | fc2 |", "|---|---|---|"]
     for label, runs in results.items():
         if "residual_ratio" in runs[0]:
