@@ -398,3 +398,18 @@ def test_smollm2_streamed_equals_in_memory(smollm2_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (tmp_path / "s/residual" / name).read_bytes() == (Path(smollm2_dir) / name).read_bytes()
         assert (tmp_path / "s/adapter" / name).exists()
+
+
+def test_decomposition_bits_do_not_depend_on_memory_alignment():
+    """Streaming reads weights into fresh buffers, transformers into mmap'd files: MKL's bits depend on
+    the address alignment, so decompose_weight must not (else streamed != in-memory in the last bits)."""
+    from pissa.adapters import decompose_weight
+
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))  # (out, in)
+    config = PissaConfig(rank=4, options={"niter": 2})
+    ref = decompose_weight(W, "w", config, 4, 1.0)
+    for offset in range(1, 16):  # 4..60-byte misalignment
+        shifted = torch.empty(W.numel() + offset)[offset:].view(64, 128)
+        shifted.copy_(W)
+        f = decompose_weight(shifted, "w", config, 4, 1.0)
+        assert torch.equal(f.A, ref.A) and torch.equal(f.B, ref.B) and torch.equal(f.residual, ref.residual)

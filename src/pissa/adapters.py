@@ -272,6 +272,11 @@ def decompose_weight(W: torch.Tensor, name: str, config: PissaConfig, rank: int,
     """Decompose one layer's (out, in) weight per `config`: the single per-tensor entry point
     shared by the in-memory and streaming paths, so both give the same tensors.
     With `config.quantize` set it runs QPiSSA (pissa.quant), fitting against the quantized residual."""
+    # MKL's GEMM/LAPACK bits depend on the data's address alignment: an fp32 weight mmap'd from a
+    # file, loaded by transformers or read into a fresh buffer would otherwise decompose to
+    # different last bits. A fresh (allocator-aligned) copy makes the result depend on values only.
+    # Other dtypes are copied anyway by the fp32 cast inside the decomposition.
+    W = W.detach().clone() if W.dtype == torch.float32 else W
     if config.quantize is not None:
         from .quant.config import quantized_decompose
 

@@ -1,5 +1,5 @@
 """A lazy reader of safetensors checkpoints: one `model.safetensors` or a sharded
-`model.safetensors.index.json`, read tensor by tensor with `safe_open`, never all at once.
+`model.safetensors.index.json`, read tensor by tensor, never all at once.
 
 Everything that can be checked without reading tensor data is checked up front, so a bad
 checkpoint is refused before any output is written: the index parses, every file it names
@@ -13,6 +13,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -57,6 +58,7 @@ class ShardHeader:
     path: Path
     tensors: tuple[TensorEntry, ...]
     metadata: dict[str, str]
+    data_offset: int  # where tensor data starts in the file (8 + header length)
 
     @property
     def data_bytes(self) -> int:
@@ -89,7 +91,7 @@ def read_header(path: str | Path) -> ShardHeader:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has a corrupted header entry ({e}); {fix}") from e
-    header = ShardHeader(path, tuple(tensors), dict(metadata))
+    header = ShardHeader(path, tuple(tensors), dict(metadata), 8 + n)
     check_layout(header, size - 8 - n, fix)
     return header
 
@@ -115,8 +117,8 @@ class CheckpointReader:
     """Lazy access to the tensors of a safetensors checkpoint folder (single file or sharded).
 
     `weight_map` maps tensor name -> shard file name; `headers` holds each shard's parsed header.
-    Construction validates the whole layout without reading tensor data; readers then open one
-    shard at a time with `safe_open` (see checkpoint.shard_job).
+    Construction validates the whole layout without reading tensor data; `read_tensor` then reads
+    one tensor at a time (see checkpoint.shard_job).
     """
 
     def __init__(self, folder: str | Path):
@@ -178,6 +180,21 @@ class CheckpointReader:
     def entries(self, shard: str) -> tuple[TensorEntry, ...]:
         """The tensors of `shard` that the index assigns to it, in file order."""
         return tuple(t for t in self.headers[shard].tensors if self.weight_map.get(t.name) == shard)
+
+
+def read_tensor(f: BinaryIO, header: ShardHeader, t: TensorEntry) -> torch.Tensor:
+    """Read one tensor of an open shard with plain file I/O into a fresh tensor.
+
+    Not safe_open's memory map: every mapped page of the shard read so far counts towards the
+    process's RSS until the file is closed, so a 5 GB shard would cost 5 GB of RSS.
+    """
+    out = torch.empty(t.shape, dtype=DTYPES[t.dtype])
+    f.seek(header.data_offset + t.start)
+    n = f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))  # raw little-endian bytes
+    if n != t.nbytes:
+        raise CheckpointError(f"{header.path}: tensor {t.name} is cut short ({n} of {t.nbytes} bytes); "
+                              f"re-download or re-export {header.path.name}")
+    return out
 
 
 def is_safetensors_folder(folder: str | Path) -> bool:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..adapters import PissaConfig, decompose_weight
+from ..errors import PissaError
 from .plan import Target
-from .reader import CheckpointError, TensorEntry
+from .reader import CheckpointError, ShardHeader, TensorEntry, read_tensor
 from .writer import ShardWriter, layout, os_error, write_tensors
 
 STATE_DIR = ".stream"  # inside the work folder; removed before the final rename
@@ -29,8 +29,8 @@ STATE_DIR = ".stream"  # inside the work folder; removed before the final rename
 class ShardJob:
     source: Path  # input checkpoint folder
     shard: str  # shard file name, kept in the output
-    entries: tuple[TensorEntry, ...]  # the shard's tensors in file order
-    metadata: dict[str, str]  # the shard's `__metadata__`, kept
+    header: ShardHeader  # the input shard's parsed header (its `__metadata__` is kept)
+    entries: tuple[TensorEntry, ...]  # the tensors the index assigns to the shard, in file order
     targets: dict[str, Target]  # tensor name -> target, for this shard only
     config: PissaConfig
     work: Path  # the work folder that becomes OUT
@@ -67,9 +67,9 @@ def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> d
     factors, layers = {}, {}
     src = job.source / job.shard
     try:
-        with safe_open(src, framework="pt") as f, ShardWriter(residual_path, out_entries, job.metadata) as w:
+        with open(src, "rb") as f, ShardWriter(residual_path, out_entries, job.header.metadata) as w:
             for entry in job.entries:
-                tensor = f.get_tensor(entry.name)
+                tensor = read_tensor(f, job.header, entry)
                 target = job.targets.get(entry.name)
                 if target is not None:
                     tensor, parts, layers[target.module] = decompose_target(tensor, target, job.config, job.device)
@@ -78,7 +78,9 @@ def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> d
                         progress(target.module)
                 w.write(entry.name, tensor)
                 del tensor
-    except SafetensorError as e:
+    except OSError as e:
+        if isinstance(e, PissaError):
+            raise
         raise CheckpointError(f"{src} could not be read ({e}); re-download or re-export {job.shard}") from e
     write_tensors(adapter_part(job.work, job.shard), factors)
     write_record(done_record(job.work, job.shard), layers)

@@ -85,8 +85,8 @@ def shard_jobs(plan: Plan, config: PissaConfig, work: Path, device: str, threads
         ShardJob(
             source=reader.folder,
             shard=s,
+            header=reader.headers[s],
             entries=reader.entries(s),
-            metadata=reader.headers[s].metadata,
             targets={t.name: plan.targets[t.name] for t in reader.entries(s) if t.name in plan.targets},
             config=config,
             work=work,
