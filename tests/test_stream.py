@@ -413,3 +413,12 @@ def test_decomposition_bits_do_not_depend_on_memory_alignment():
         shifted.copy_(W)
         f = decompose_weight(shifted, "w", config, 4, 1.0)
         assert torch.equal(f.A, ref.A) and torch.equal(f.B, ref.B) and torch.equal(f.residual, ref.residual)
+
+
+def test_nan_weight_mid_run_refused_and_cleaned_up(sharded_dir, tmp_path):
+    shard = sharded_dir / "model-00004-of-00005.safetensors"
+    state = load_file(shard)
+    name = next(k for k in state if k.endswith("proj.weight"))
+    state[name][1, 2] = float("nan")
+    save_file(state, shard, metadata={"format": "pt"})
+    assert_refused(sharded_dir, tmp_path / "o", rf"{name}: contains 1 NaN/Inf")

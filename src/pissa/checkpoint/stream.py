@@ -33,7 +33,7 @@ from .atomic import check_output_dir, replace_dir
 from .parallel import Ranks, run_jobs
 from .plan import Plan, make_plan
 from .shard_job import STATE_DIR, ShardJob, adapter_part, read_record
-from .writer import os_error, write_index
+from .writer import DiskFullError, os_error, write_index
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab.", "merges.txt", "chat_template",
@@ -122,8 +122,8 @@ def stream_init(
     """Stream-initialise the safetensors checkpoint folder `path` into OUT; returns an InitResult.
 
     `model` is what the user typed (recorded in the manifest). `workers` processes split the shards;
-    under torch.distributed each rank takes its share too. A failed run keeps `.OUT.partial`, and
-    the same call resumes it; `resume=False` starts over.
+    under torch.distributed each rank takes its share too. A run that crashed, was killed or filled
+    the disk keeps `.OUT.partial`, and the same call resumes it; `resume=False` starts over.
     """
     from ..initialize import InitResult
 
@@ -144,14 +144,21 @@ def stream_init(
     mine = ranks.share(shard_jobs(plan, config, work, device, threads))
     jobs = [j for j in mine if read_record(work, j.shard) is None]
     total = sum(len(j.targets) for j in mine)
-    run_jobs(jobs, workers, progress, total, total - sum(len(j.targets) for j in jobs))
-    ranks.barrier()
-    if ranks.is_main:
-        manifest = finalize(model, plan, config, work, out)
-        manifest["stream"] = vars(StreamStats(len(plan.reader.shards), resumed, workers, ranks.world, device))
-        write_json(work / "pissa.json", manifest)
-        shutil.rmtree(work / STATE_DIR)
-        replace_dir(work, out)
+    try:
+        run_jobs(jobs, workers, progress, total, total - sum(len(j.targets) for j in jobs))
+        ranks.barrier()
+        if ranks.is_main:
+            manifest = finalize(model, plan, config, work, out)
+            manifest["stream"] = vars(StreamStats(len(plan.reader.shards), resumed, workers, ranks.world, device))
+            write_json(work / "pissa.json", manifest)
+            shutil.rmtree(work / STATE_DIR)
+            replace_dir(work, out)
+    except PissaError as e:
+        # A bad input (e.g. NaN in a weight) means a changed checkpoint, so nothing will resume: clean up.
+        # A full disk is worth resuming once space is freed: keep the finished shards.
+        if ranks.is_main and not isinstance(e, DiskFullError):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     ranks.barrier()
     ranks.close()
     from ..manifest import read_manifest
