@@ -33,8 +33,10 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = ("lora", "pissa")
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="only re-render convergence.md/.png from a convergence.json written by an earlier run")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lrs", default="2e-5,2e-4,1e-3", help="comma-separated sweep; must include 2e-5 and 2e-4")
@@ -47,7 +49,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine (no spin-waiting)")
     p.add_argument("--niter", type=int, default=None, help="PiSSA randomized-SVD iterations (default: exact SVD)")
     p.add_argument("--out", type=Path, default=RESULTS)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def train_run(args, method: str, lr: float, work: Path):
@@ -94,7 +96,7 @@ def compare(lora: list[float], pissa: list[float], first: int) -> dict:
     both inits leave the model's function unchanged, so they are not counted.
     """
     target = tail_mean(lora)
-    reached = next((i + 1 for i, v in enumerate(running_mean(pissa)) if v <= target), None)
+    reached = next((i + 1 for i, v in enumerate(running_mean(pissa)) if i + 1 >= first and v <= target), None)
     return {
         "steps_pissa_below": sum(p < q for p, q in zip(pissa[first - 1:], lora[first - 1:], strict=True)),
         "steps": len(lora) - first + 1,
@@ -158,8 +160,26 @@ def plot(curves: dict, pairings: list[tuple[str, float, float]], path: Path) -> 
     plt.close(fig)
 
 
+def rerender(path: Path) -> None:
+    """Rebuild the state of a finished run from its convergence.json and rewrite the report."""
+    figures = json.loads(path.read_text())
+    argv = [x for k, v in figures["args"].items() if v != "None" and k != "from_json"
+            for x in (f"--{k.replace('_', '-')}", v)]
+    args = parse_args(argv)
+    state = {"args": args, "lrs": [float(x) for x in args.lrs.split(",")], "curves": {}, "runs": {},
+             "baseline": figures["baseline"], "timing": figures["timing"], "started": time.perf_counter(),
+             "load_start": figures["load_average"][0]}
+    for key, run in figures["runs"].items():
+        method, lr = key.split("@")
+        state["curves"][(method, float(lr))] = run.pop("losses")
+        state["runs"][(method, float(lr))] = run
+    write_results(state, wall_s=figures["wall_s"], load_end=figures["load_average"][1])
+
+
 def main() -> None:
     args = parse_args()
+    if args.from_json:
+        return rerender(args.from_json)
     torch.set_num_threads(args.threads)
     lrs = [float(x) for x in args.lrs.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +212,7 @@ def main() -> None:
     print((args.out / "convergence.md").read_text())
 
 
-def write_results(state: dict) -> None:
+def write_results(state: dict, wall_s: float | None = None, load_end: float | None = None) -> None:
     """convergence.json/.md/.png from the runs finished so far (pairings need both of their runs)."""
     args, curves, runs = state["args"], state["curves"], state["runs"]
     done = [lr for lr in state["lrs"] if all((m, lr) in runs for m in METHODS)]
@@ -202,8 +222,8 @@ def write_results(state: dict) -> None:
         pairings.append((f"best lr: LoRA {best['lora']:g}, PiSSA {best['pissa']:g}", best["lora"], best["pissa"]))
     comparisons = {title: compare(curves[("lora", lo)], curves[("pissa", pi)], runs[("lora", lo)]["first_update"])
                    for title, lo, pi in pairings}
-    wall_s = time.perf_counter() - state["started"]
-    load = (state["load_start"], os.getloadavg()[0])
+    wall_s = time.perf_counter() - state["started"] if wall_s is None else wall_s
+    load = (state["load_start"], os.getloadavg()[0] if load_end is None else load_end)
     if pairings:
         plot(curves, pairings, args.out / "convergence.png")
     figures = {"args": {k: str(v) for k, v in vars(args).items()}, "baseline": state["baseline"],
@@ -277,7 +297,15 @@ def report(args, lrs, done, curves, runs, baseline, timing, best, pairings, comp
               f"Median of {timing['samples']} optimizer steps each on the same batch ({timing['tokens_per_batch']} "
               f"tokens): LoRA {timing['lora_s']:.3f} s, PiSSA {timing['pissa_s']:.3f} s, "
               f"**ratio PiSSA/LoRA {timing['ratio']:.3f}** (target <= 1.02). Same architecture and shapes, so a "
-              "difference is noise from the shared machine. PiSSA's one-off SVD init is in `setup s` above.", ""]
+              "difference is noise from the shared machine. PiSSA's one-off SVD init is in `setup s` above.", "",
+              "## Caveats", "",
+              f"- One seed, {args.steps} steps at batch {args.batch_size}: each logged loss is one small batch's, so "
+              "single steps are noisy (the 5-step means in the plot are easier to read). Both methods see the same "
+              "batches, so step-by-step comparisons are paired.",
+              f"- Held-out accuracy on {args.eval_limit} problems moves in steps of "
+              f"{100 / max(1, args.eval_limit):.0f} points; differences of one or two problems are noise. "
+              "Perplexity of the references is the finer held-out signal.",
+              "- \"Best lr\" is the best of this small sweep only.", ""]
     return "\n".join(lines)
 
 
