@@ -161,7 +161,7 @@ def resolve_targets(model: nn.Module, config: PissaConfig) -> dict[str, int]:
     if unsupported:
         kinds = sorted({type(modules[n]).__name__ for n in unsupported})
         raise PissaError(
-            f"targets match {len(unsupported)} modules that are not linear, Conv2d or Embedding layers "
+            f"targets match {len(unsupported)} modules that are not linear layers, Conv2d or Embedding "
             f"({', '.join(kinds)}), e.g. {unsupported[0]}; narrow --targets to supported layers"
         )
     for n in matched:
