@@ -221,6 +221,17 @@ def test_grad_accumulation_and_checkpointing_leave_losses_unchanged(tmp_path, ti
     torch.testing.assert_close(losses(tmp_path / "accum"), plain, rtol=1e-4, atol=1e-5)
 
 
+def test_bf16_base_with_fp32_adapters_tracks_fp32(tmp_path, tiny_dir, data_file):
+    """--precision bf16: base weights in bf16, adapters kept fp32 (paper), losses close to the fp32 run."""
+    SFTRecipe(config(tmp_path, tiny_dir, data_file, "fp32", max_steps=3)).run()
+    recipe = SFTRecipe(config(tmp_path, tiny_dir, data_file, "bf16", max_steps=3, precision="bf16"))
+    recipe.run()
+    params = list(recipe.model.named_parameters())
+    assert {p.dtype for n, p in params if ".lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in params if ".lora_" not in n} == {torch.bfloat16}
+    torch.testing.assert_close(losses(tmp_path / "bf16"), losses(tmp_path / "fp32"), rtol=0, atol=0.03)
+
+
 DDP_SCRIPT = """
 import sys
 from pissa.train import SFTRecipe, TrainConfig
