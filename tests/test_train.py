@@ -348,3 +348,17 @@ def test_cli_bad_input_exit_code(tmp_path):
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert "exactly one of --model" in result.output
+
+
+def test_every_config_field_is_a_cli_option():
+    """The saved command names every non-default field as --field-name, so the CLI must accept them all."""
+    import dataclasses
+    import inspect
+
+    from pissa.cli.train import train_command
+
+    params = inspect.signature(train_command).parameters
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(params)
+    for name, param in params.items():
+        flag = f"--{name.replace('_', '-')}"
+        assert any(decl == flag or decl.startswith(flag + "/") for decl in param.default.param_decls), name

@@ -27,6 +27,8 @@ def train_command(
     alpha: float = typer.Option(None, "--alpha", help=H["alpha"]),
     targets: list[str] = typer.Option([], "--targets", "-t", help=H["targets"] + " Repeatable."),
     niter: int = typer.Option(None, "--niter", help=H["niter"]),
+    quant_type: str = typer.Option("nf4", "--quant-type", help=H["quant_type"]),
+    quant_iters: int = typer.Option(5, "--quant-iters", help=H["quant_iters"]),
     lr: float = typer.Option(2e-5, "--lr", help=H["lr"]),
     scheduler: str = typer.Option("cosine", "--scheduler", help=H["scheduler"]),
     warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help=H["warmup_ratio"]),
@@ -71,7 +73,8 @@ def train_command(
     with user_errors():
         config = TrainConfig(
             out=str(out), model=model, init=init, method=method, dora=dora, data=data, limit=limit,
-            max_length=max_length, rank=rank, alpha=alpha, targets=list(targets) or None, niter=niter, lr=lr,
+            max_length=max_length, rank=rank, alpha=alpha, targets=list(targets) or None, niter=niter,
+            quant_type=quant_type, quant_iters=quant_iters, lr=lr,
             scheduler=scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay, epochs=epochs,
             max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
             precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed, save_steps=save_steps,
