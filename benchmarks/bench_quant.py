@@ -107,6 +107,25 @@ def int8_check(weights: dict[str, torch.Tensor], rank: int, dtype: str) -> list[
     return [{"fit": k, "nuclear": v} for k, v in totals.items()]
 
 
+def main_lines(model, args, weights, total_layers, path, dtype, seconds, rows) -> list[str]:
+    types, table = summarize(rows)
+    names = short_names(types)
+    subset = (f"blocks {', '.join(map(str, sorted(args.blocks[model])))} of {model} only ({len(weights)} of "
+              f"{total_layers} linear layers, to fit the run on a shared 2-core machine)"
+              if args.blocks.get(model) else f"{len(weights)} linear layers (all but the output head)")
+    lines = [f"## {model}", "", f"{subset}, weights as stored "
+             f"({dtype}) from `{path}`. NF4 blocksize 64, no double quant. Randomized SVD "
+             f"(niter={args.niter}, oversample r) for the SVD steps; nuclear norms exact. "
+             f"Measured in {seconds:.0f} s.", "",
+             "Error-reduction ratio vs QLoRA, nuclear norm, % (higher is better):", "",
+             markdown_table(types, table, names), ""]
+    for w in qpissa_wins(table, types):
+        wins = ", ".join(names[t] for t in w["wins"]) or "none"
+        losses = ", ".join(names[t] for t in w["losses"]) or "none"
+        lines.append(f"- r={w['rank']}, T={w['iters']}: QPiSSA beats LoftQ on **{wins}**; does not on **{losses}**.")
+    return lines
+
+
 def run_model(model: str, args) -> list[str]:
     weights, path = model_weights(model)
     total_layers = len(weights)
@@ -121,12 +140,15 @@ def run_model(model: str, args) -> list[str]:
     rows = measure(weights.items(), config, len(weights),
                    lambda d, t, n: print(f"  {d}/{t} {n}", flush=True) if d % 10 == 0 or d == t else None)
     seconds = time.perf_counter() - start
-    folder = RESULTS / "quant" / model
+    folder = RESULTS / "quant" / (model + args.suffix)
     folder.mkdir(parents=True, exist_ok=True)
     title = f"{model}: nf4 from {dtype}, randomized SVD niter={args.niter}"
     write_report(folder, rows, title, {"model": path, "layers": len(weights)})
 
     block = {n: W for n, W in weights.items() if block_of(n) == args.check_block}
+    if not block:  # --check-block -1: no exact-SVD check, no peer run
+        return main_lines(model, args, weights, total_layers, path, dtype, seconds, rows) + [
+            "", f"![{model}](quant/{model + args.suffix}/chart.png)", ""]
     print(f"  exact-SVD check on block {args.check_block} ({len(block)} layers)", flush=True)
     start = time.perf_counter()
     exact_rows = measure(block.items(), ReportConfig(ranks=args.ranks, iters=args.iters, spec=spec))
@@ -136,22 +158,10 @@ def run_model(model: str, args) -> list[str]:
     peers = [(r, t, peer_check(block, r, t)) for r in (min(args.ranks),) for t in args.iters]
     int8 = int8_check(block, min(args.ranks), dtype)
 
-    types, table = summarize(rows)
+    lines = main_lines(model, args, weights, total_layers, path, dtype, seconds, rows)
+    types, _ = summarize(rows)
     names = short_names(types)
     _, exact_table = summarize(exact_rows)
-    subset = (f"blocks {', '.join(map(str, sorted(args.blocks[model])))} of {model} only ({len(weights)} of "
-              f"{total_layers} linear layers, to fit the run on a shared 2-core machine)"
-              if args.blocks.get(model) else f"{len(weights)} linear layers (all but the output head)")
-    lines = [f"## {model}", "", f"{subset}, weights as stored "
-             f"({dtype}) from `{path}`. NF4 blocksize 64, no double quant. Randomized SVD "
-             f"(niter={args.niter}, oversample r) for the SVD steps; nuclear norms exact. "
-             f"Measured in {seconds:.0f} s.", "",
-             "Error-reduction ratio vs QLoRA, nuclear norm, % (higher is better):", "",
-             markdown_table(types, table, names), ""]
-    for w in qpissa_wins(table, types):
-        wins = ", ".join(names[t] for t in w["wins"]) or "none"
-        losses = ", ".join(names[t] for t in w["losses"]) or "none"
-        lines.append(f"- r={w['rank']}, T={w['iters']}: QPiSSA beats LoftQ on **{wins}**; does not on **{losses}**.")
     lines += ["", f"Exact SVD on block {args.check_block} only ({len(block)} layers, {exact_seconds:.0f} s):", "",
               markdown_table(types, exact_table, names), "",
               "Randomized vs exact SVD on those layers, largest |difference| of a layer's ratio (points): "
@@ -165,8 +175,8 @@ def run_model(model: str, args) -> list[str]:
               f"{args.check_block}, summed nuclear error: "
               + ", ".join(f"{r['fit']} {r['nuclear']:.4f} ({(1 - r['nuclear'] / qlora) * 100:.1f}% lower than QLoRA)"
                           for r in int8), "",
-              f"Per-layer CSV, summary and chart: `benchmarks/results/quant/{model}/`", "",
-              f"![{model}](quant/{model}/chart.png)", ""]
+              f"Per-layer CSV, summary and chart: `benchmarks/results/quant/{model + args.suffix}/`", "",
+              f"![{model}](quant/{model + args.suffix}/chart.png)", ""]
     return lines
 
 
@@ -182,15 +192,19 @@ def main() -> None:
     parser.add_argument("--section", action="store_true",
                         help="Write only benchmarks/results/quant/<model>/section.md (run models in parallel)")
     parser.add_argument("--assemble", action="store_true", help="Build quant.md from the models' section.md files")
+    parser.add_argument("--suffix", default="", help="Appended to the per-model results folder name")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 avoids OpenMP oversubscription on a shared machine")
     parser.add_argument("--out", type=Path, default=RESULTS / "quant.md")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     args.blocks = {k: [int(i) for i in v.split(",")] for k, v in (b.split("=", 1) for b in args.blocks)}
     start = time.perf_counter()
     if args.section:
         for model in args.models:
             lines = run_model(model, args)
             lines[2] += f" Wall time of this model's run: {time.perf_counter() - start:.0f} s."
-            (RESULTS / "quant" / model / "section.md").write_text("\n".join(lines) + "\n")
+            (RESULTS / "quant" / (model + args.suffix) / "section.md").write_text("\n".join(lines) + "\n")
         return
     if args.assemble:
         body = [(RESULTS / "quant" / m / "section.md").read_text() for m in args.models]
@@ -206,7 +220,7 @@ def main() -> None:
         + (" (each model ran as its own `--section` process, in parallel; then `--assemble`)" if args.assemble else ""),
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (load average "
-        f"{load:.1f} at the end), torch {torch.__version__}. "
+        f"{load:.1f} at the end), torch {torch.__version__}, {args.threads} torch thread(s) per process. "
         "Timings are for orientation only.",
         "",
         "Ratio of a layer = (1 - ||W - (Q + B A)||_* / ||W - nf4(W)||_*) x 100 (paper section 5.3); a type's "
