@@ -110,7 +110,7 @@ def test_every_method_trains_and_memorises(tmp_path, tiny_dir, data_file, method
 
 def test_trained_pissa_adapter_reloads_on_its_residual(tmp_path, tiny_dir, data_file):
     """residual/ + adapter/ written by a run load as stock artefacts and give the trained model's logits."""
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
     recipe = SFTRecipe(config(tmp_path, tiny_dir, data_file, max_steps=3))
@@ -119,8 +119,11 @@ def test_trained_pissa_adapter_reloads_on_its_residual(tmp_path, tiny_dir, data_
     trained = recipe.trainer.model.eval()
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "residual")
     reloaded = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+    # The adapter's config names the residual as its base, so AutoPeftModel loads the right pair on its own.
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, trained(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(auto(ids).logits, trained(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["qpissa", "qlora"])

@@ -385,6 +385,9 @@ class SFTRecipe:
     def _save_weights(self) -> None:
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         name = "model" if self.method == "full" else "adapter"
+        if self.config.model is not None and self.method == "pissa":
+            # The adapter belongs on the residual, not on the original model: point loaders (AutoPeftModel*) there.
+            model.peft_config[ADAPTER_NAME].base_model_name_or_path = str((self.out / "residual").resolve())
         with atomic_output_dir(self.out / name, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
