@@ -178,6 +178,23 @@ def test_adapter_init_keeps_logits(tiny_llama, tokens, method, dora):
         torch.testing.assert_close(model(tokens).logits, before, rtol=1e-4, atol=1e-4)
 
 
+def test_init_dir_with_dora_keeps_logits(tmp_path, tiny_dir):
+    """--init DIR --dora: the magnitude is recomputed on residual + B A, so the loaded model is the original one."""
+    from transformers import AutoModelForCausalLM
+
+    from pissa.adapters import PissaConfig
+    from pissa.initialize import run_init
+    from pissa.train import load_init_dir
+
+    run_init(str(tiny_dir), PissaConfig(rank=4), tmp_path / "init")
+    model = load_init_dir(tmp_path / "init", "float32", dora=True, device="cpu").eval()
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    assert any("lora_magnitude_vector" in n and p.requires_grad for n, p in model.named_parameters())
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tiny_dir)(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
 # --- identities between runs -----------------------------------------------------------------------
 
 class CrashAt(TrainerCallback):
