@@ -6,6 +6,7 @@ adapters on one untouched base; stock PEFT in a process without pissa; bad input
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,16 @@ from pissa.checkpoint.adapter_io import lora_pairs, read_adapter, write_adapter
 from pissa.convert import convert_to_lora, layer_scale
 from pissa.errors import PissaError
 from pissa.initialize import run_init
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on shared cores OpenMP waiting makes them ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # --- helpers shared with test_merge.py ------------------------------------------------------------
 
@@ -307,7 +318,9 @@ def test_stock_peft_loads_converted_adapter_without_pissa(run, tiny_llama_dir, t
         assert "pissa" not in sys.modules, "pissa was imported"
         assert not [m for m in sys.modules if m.startswith("pissa")]
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     theirs = torch.load(root / "stock-logits.pt", weights_only=True)
     torch.testing.assert_close(theirs, logits(trained, tokens), atol=1e-5, rtol=0)
