@@ -122,7 +122,7 @@ def test_robust_default_solver_gets_exactly_three_and_svd_start_alone_is_stuck()
     assert l1(stuck.residual) == pytest.approx(4.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("options", [{}, FAST_HUBER], ids=["irls", "huber-gd"])
+@pytest.mark.parametrize("options", [{"solver": "irls"}, FAST_HUBER], ids=["irls", "huber-gd"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_robust_l1_never_worse_than_svd(options, seed):
     W = outlier_matrix(seed)
@@ -152,7 +152,7 @@ def test_robust_l1_never_worse_than_svd_on_model_layers(tiny_llama):
     for name, p in tiny_llama.named_parameters():
         if name.endswith(("q_proj.weight", "down_proj.weight")):
             W = p.detach()
-            svd, f = decompose(W, "pissa", 4), decompose(W, "robust", 4, options={"max_iter": 10})
+            svd, f = decompose(W, "pissa", 4), decompose(W, "robust", 4, options={"max_iter": 30})
             assert l1(f.residual) <= l1(svd.residual) * (1 + 1e-6), name
 
 
@@ -167,7 +167,7 @@ def test_robust_divergence_falls_back_to_svd_and_says_so():
 
 def test_robust_stopping_rule():
     W = outlier_matrix(6)
-    one_start = {"shifted_starts": 0, "clip": 0}
+    one_start = {"solver": "irls", "shifted_starts": 0, "clip": 0}
     f = decompose(W, "robust", 3, options={"max_iter": 2, **one_start})
     assert f.info["iterations"] <= 2
     loose = decompose(W, "robust", 3, options={"tol": 0.5, **one_start})
@@ -185,7 +185,7 @@ def test_robust_options_are_typed_and_checked():
 
 def test_robust_is_deterministic():
     W = outlier_matrix(7)
-    a, b = decompose(W, "robust", 3), decompose(W, "robust", 3)
+    a, b = decompose(W, "robust", 3, options=FAST_HUBER), decompose(W, "robust", 3, options=FAST_HUBER)
     assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
 
 
