@@ -33,7 +33,8 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except PissaError as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        # soft_wrap: one unbroken line, so long paths in the message stay greppable
+        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2) from e
 
 
