@@ -59,9 +59,23 @@ def decompose_target(stored: torch.Tensor, target: Target, config: PissaConfig, 
     return residual, factors, {**f.info, "seconds": time.perf_counter() - start}
 
 
+def return_big_frees_to_os() -> None:
+    """Serve allocations of 1 MB and more by mmap, so a freed tensor goes back to the OS at once
+    (a process-wide glibc setting). By default glibc raises its mmap threshold after the first big
+    free (up to 32 MB) and carves later tensors from the heap, where small long-lived objects pin
+    the freed space: streaming RSS crept up ~15 MB per layer (measured) instead of staying flat."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MB
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Write `job.shard`'s residual shard, adapter part and completion record; returns layer infos."""
     torch.set_num_threads(job.threads)
+    return_big_frees_to_os()
     residual_path = job.work / "residual" / job.shard
     out_entries = layout([(t.name, t.dtype, t.shape) for t in job.entries])
     factors, layers = {}, {}
