@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	rm -rf out/demo-init
-	$(BIN)/pissa init smollm2-135m --rank 16 --niter 4 --out out/demo-init
+	$(BIN)/pissa demo --out demo-report --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
