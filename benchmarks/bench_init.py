@@ -45,7 +45,8 @@ def peft(rank, niter=None):
     label = f'PEFT init_lora_weights="{init}"'
 
     def run(model):
-        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=init))
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=init)
+        return get_peft_model(model, config)
 
     return label, niter, run
 
@@ -100,7 +101,8 @@ def main():
         for label, niter, run in configs:
             seconds, excess, worst = measure(model, run, floor, args.repeats)
             rows.append((rank, label, niter, seconds, excess, worst))
-            print(f"r={rank:4d} {label:55s} {seconds:7.2f} s  excess {excess * 100:.4f}%  worst layer {worst * 100:.4f}%")
+            print(f"r={rank:4d} {label:55s} {seconds:7.2f} s  excess {excess * 100:.4f}%  "
+                  f"worst layer {worst * 100:.4f}%")
     write(rows, args)
 
 
@@ -122,7 +124,8 @@ def write(rows, args):
     for rank in args.ranks:
         subset = [r for r in rows if r[0] == rank]
         peft_exact = next(r for r in subset if r[1].startswith("PEFT") and r[2] is None)[3]
-        lines += [f"## r = {rank}", "", "| method | time (s) | vs PEFT exact | residual excess |", "|---|---:|---:|---:|"]
+        lines += [f"## r = {rank}", "", "| method | time (s) | vs PEFT exact | residual excess |",
+                  "|---|---:|---:|---:|"]
         for _, label, _, seconds, excess, worst in subset:
             lines.append(f"| {label} | {seconds:.2f} | {peft_exact / seconds:.1f}x | "
                          f"{excess * 100:.4f}% ({worst * 100:.4f}%) |")

@@ -327,9 +327,7 @@ def test_no_warnings_from_a_converging_robust_fit():
 @pytest.mark.parametrize("method,options,targets", [
     ("cur", {}, None),
     ("robust", FAST_ROBUST, None),
-    pytest.param("pissa", {}, ["embed_tokens", "q_proj", "v_proj"], marks=pytest.mark.xfail(
-        strict=True, raises=PissaError,
-        reason="pissa.convert reads lora_A/lora_B only and refuses lora_embedding_A/B (clearly, nothing written)")),
+    ("pissa", {}, ["embed_tokens", "q_proj", "v_proj"]),
 ], ids=["cur", "robust", "embedding"])
 def test_new_methods_convert_to_lora(method, options, targets, tmp_path, tiny_llama_dir, tokens):
     """After real training steps, original model + converted 2r LoRA == residual + trained adapter."""

@@ -27,7 +27,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.adapter_io import KEY_PREFIX, lora_pairs, read_adapter, write_adapter
+from .checkpoint.adapter_io import (
+    EMBEDDING_KEYS,
+    KEY_PREFIX,
+    LINEAR_KEYS,
+    embedding_modules,
+    factor_keys,
+    lora_pairs,
+    read_adapter,
+    write_adapter,
+)
 from .checkpoint.atomic import atomic_output_dir, check_output_dir, dir_size
 from .errors import PissaError
 from .manifest import read_manifest
@@ -80,8 +89,9 @@ def layer_scale(config: dict, module: str) -> float:
 
 # --- reading and checking the inputs ----------------------------------------------------------
 
-def read_lora_adapter(folder: str | Path, role: str) -> tuple[dict, dict, dict]:
-    """(config, lora pairs, other tensors) of a PEFT LoRA adapter folder; refuses what we cannot convert."""
+def read_lora_adapter(folder: str | Path, role: str) -> tuple[dict, dict, dict, set[str]]:
+    """(config, lora pairs, other tensors, embedding modules) of a PEFT LoRA adapter folder; refuses what we
+    cannot convert."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PissaError(f"{role} {folder} does not exist; give the folder holding adapter_config.json")
@@ -92,14 +102,17 @@ def read_lora_adapter(folder: str | Path, role: str) -> tuple[dict, dict, dict]:
         raise PissaError(f"{role} {folder} is a {config['peft_type']} adapter; only LoRA adapters can be converted")
     if config.get("use_dora"):
         raise PissaError(f"{role} {folder} uses DoRA; its magnitude vectors have no LoRA equivalent")
-    unsupported = [k for k in state if ".lora_" in k and not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    unsupported = [k for k in state if ".lora_" in k and not k.endswith(LINEAR_KEYS + EMBEDDING_KEYS)]
     if unsupported:
         raise PissaError(f"{role} {folder} holds {unsupported[0]}; only lora_A/lora_B of linear layers are supported")
     pairs = lora_pairs(state)
     if not pairs:
         raise PissaError(f"{role} {folder} holds no lora_A/lora_B weights; is it a LoRA adapter?")
-    others = {k: v for k, v in state.items() if ".lora_" not in k}  # modules_to_save copies: apply as they are
-    return config, pairs, others
+    # PEFT also saves a targeted embedding's base weight: under PiSSA that is the residual, which must
+    # never reach the original model. What remains are modules_to_save copies: apply them as they are.
+    residual_keys = {f"{KEY_PREFIX}{m}.base_layer.weight" for m in embedding_modules(state)}
+    others = {k: v for k, v in state.items() if ".lora_" not in k and k not in residual_keys}
+    return config, pairs, others, embedding_modules(state)
 
 
 def read_init(init_dir: str | Path) -> tuple[dict, dict, dict]:
@@ -108,7 +121,7 @@ def read_init(init_dir: str | Path) -> tuple[dict, dict, dict]:
     manifest = read_manifest(init_dir)
     if manifest.get("kind") != "pissa-init":
         raise PissaError(f"{init_dir}/pissa.json is a {manifest.get('kind')!r} manifest; give a `pissa init` folder")
-    config, pairs, _ = read_lora_adapter(init_dir / INIT_ADAPTER_DIR, "init adapter")
+    config, pairs, _, _ = read_lora_adapter(init_dir / INIT_ADAPTER_DIR, "init adapter")
     missing = sorted(set(manifest.get("layers", {})) ^ set(pairs))
     if missing:
         raise PissaError(f"{init_dir}: the initial adapter and pissa.json disagree about layer {missing[0]}; "
@@ -278,7 +291,7 @@ def convert_to_lora(
     trained_dir, init_dir = Path(trained_dir), Path(init_dir)
     out = check_output_dir(out, overwrite)
     manifest, init_config, init = read_init(init_dir)
-    trained_config, trained, others = read_lora_adapter(trained_dir, "trained adapter")
+    trained_config, trained, others, embeddings = read_lora_adapter(trained_dir, "trained adapter")
     check_config_ranks(trained_config, trained, trained_dir)
     check_same_layers(trained, init, trained_dir, init_dir)
     if check_init:
@@ -304,8 +317,9 @@ def convert_to_lora(
         else:
             A, B, info = truncate(A2, B2, s_out, rank, s_out)
         layers[module] = {"rank_in": r, "rank_out": A.shape[0], **info, "init_similarity": similarity[module]}
-        state[f"{KEY_PREFIX}{module}.lora_A.weight"] = A  # (r_out, in)
-        state[f"{KEY_PREFIX}{module}.lora_B.weight"] = B  # (out, r_out)
+        key_A, key_B = factor_keys(module, module in embeddings)
+        state[key_A] = A  # (r_out, in)
+        state[key_B] = B  # (out, r_out)
         if progress:
             progress(done, len(trained), module)
     state.update(others)

@@ -136,7 +136,10 @@ def check_pairing(adapter: Path, config: dict, base: Path) -> str:
 
 def plan_merge(adapter: Path, base: Path) -> tuple[dict, dict[str, str], str]:
     """(weight key -> (A, B, scale), weight map, mode), checked against the base before anything is written."""
-    config, pairs, others = read_lora_adapter(adapter, "adapter")
+    config, pairs, others, embeddings = read_lora_adapter(adapter, "adapter")
+    if embeddings:
+        raise PissaError(f"{adapter} adapts the embedding {sorted(embeddings)[0]}; merge supports linear and Conv1D "
+                         "layers only (PEFT's merge_and_unload merges embeddings in memory)")
     if others:
         raise PissaError(f"{adapter} holds full weights ({next(iter(others))}, from modules_to_save); merge "
                          "supports LoRA layers only")

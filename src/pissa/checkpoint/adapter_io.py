@@ -51,14 +51,34 @@ def write_adapter(folder: str | Path, config: dict, state: dict[str, torch.Tenso
     save_file({k: v.contiguous() for k, v in state.items()}, folder / WEIGHTS_FILE, metadata={"format": "pt"})
 
 
+# PEFT names the factors of a linear/conv layer `lora_A.weight`/`lora_B.weight` (submodules) and
+# those of an embedding `lora_embedding_A`/`lora_embedding_B` (parameters); both are (r, in), (out, r).
+LINEAR_KEYS = (".lora_A.weight", ".lora_B.weight")
+EMBEDDING_KEYS = (".lora_embedding_A", ".lora_embedding_B")
+
+
 def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module name -> (A (r, in), B (out, r)) from an adapter state dict."""
+    """Module name -> (A (r, in), B (out, r)) from an adapter state dict (linear, conv and embedding)."""
     pairs = {}
-    for key, A in state.items():
-        if key.endswith(".lora_A.weight"):
-            module = key[: -len(".lora_A.weight")].removeprefix(KEY_PREFIX)
-            B = state.get(key.replace(".lora_A.weight", ".lora_B.weight"))
-            if B is None:
-                raise PissaError(f"adapter has {key} but no matching lora_B; the adapter file is incomplete")
-            pairs[module] = (A, B)
+    for a_suffix, b_suffix in (LINEAR_KEYS, EMBEDDING_KEYS):
+        for key, A in state.items():
+            if key.endswith(a_suffix):
+                module = key[: -len(a_suffix)].removeprefix(KEY_PREFIX)
+                B = state.get(key[: -len(a_suffix)] + b_suffix)
+                if B is None:
+                    raise PissaError(f"adapter has {key} but no matching {b_suffix[1:]}; the adapter file is "
+                                     "incomplete, re-save it")
+                pairs[module] = (A, B)
     return pairs
+
+
+def factor_keys(module: str, embedding: bool) -> tuple[str, str]:
+    """The state-dict keys PEFT loads a module's (A, B) from."""
+    a_suffix, b_suffix = EMBEDDING_KEYS if embedding else LINEAR_KEYS
+    return f"{KEY_PREFIX}{module}{a_suffix}", f"{KEY_PREFIX}{module}{b_suffix}"
+
+
+def embedding_modules(state: dict[str, torch.Tensor]) -> set[str]:
+    """Modules whose factors are stored as embedding LoRA parameters."""
+    suffix = EMBEDDING_KEYS[0]
+    return {k[: -len(suffix)].removeprefix(KEY_PREFIX) for k in state if k.endswith(suffix)}
