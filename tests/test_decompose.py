@@ -163,3 +163,12 @@ def test_non_float_and_non_matrix_weights_are_refused():
         decompose(torch.zeros(8, 8, dtype=torch.uint8), "pissa", 2)
     with pytest.raises(DecompositionError, match="expected a 2-D weight"):
         decompose(torch.zeros(8), "pissa", 2)
+
+
+def test_randomized_request_falls_back_to_exact_when_the_sketch_costs_more():
+    W = decaying_matrix(96, 64)
+    # sketch 2 * 24 = 48 columns of a 64-wide matrix with 4 power iterations: the exact SVD is cheaper
+    big = decompose(W, "pissa", 24, options={"niter": 4})
+    exact = decompose(W, "pissa", 24)
+    assert big.info["svd"] == "exact" and torch.equal(big.A, exact.A) and torch.equal(big.B, exact.B)
+    assert decompose(W, "pissa", 4, options={"niter": 4}).info["svd"] == "randomized"
