@@ -24,6 +24,7 @@ from pissa.adapters import PissaConfig, init_model
 from pissa.models import load_model
 
 RESULTS = Path(__file__).parent / "results" / "init.md"
+LOAD_AT_START = os.getloadavg()[0]
 FALLBACKS: dict[tuple[str, int], int] = {}  # layers where a randomized request ran the exact SVD (cheaper)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -115,8 +116,9 @@ def write(rows, args):
         "Written by `benchmarks/bench_init.py` "
         f"(`--ranks {' '.join(map(str, args.ranks))} --repeats {args.repeats}`). One process, fp32, CPU: "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. The machine was shared with other work while this ran, so "
-        "absolute seconds are noisy; the ratios come from the same run.",
+        f"{torch.get_num_threads()} threads, 1-minute load average {LOAD_AT_START:.2f} at the start (2 cores; "
+        "above ~1 means other work shared the machine and absolute seconds are noisy; the ratios come from the "
+        "same run).",
         "",
         "Time = whole in-memory init of a fresh model copy (PEFT wrapping + all 210 decompositions). "
         "Excess = residual Frobenius norm over the exact truncated SVD's, over all layers (worst single layer "
