@@ -57,12 +57,6 @@ def write_manifest(folder: str | Path, manifest: dict) -> Path:
 
 
 def read_manifest(folder: str | Path) -> dict:
-    from .errors import PissaError
+    from .jsonfile import read_json
 
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        raise PissaError(f"{path} not found; {folder} is not a `pissa init` output folder")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PissaError(f"{path} is not valid JSON ({e}); re-run `pissa init`") from e
+    return read_json(Path(folder) / MANIFEST, f"{folder} is not a `pissa init` output folder", "re-run `pissa init`")

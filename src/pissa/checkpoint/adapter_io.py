@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import PissaError
+from ..jsonfile import read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -21,13 +22,7 @@ KEY_PREFIX = "base_model.model."
 
 
 def read_adapter_config(folder: str | Path) -> dict:
-    path = Path(folder) / CONFIG_FILE
-    if not path.exists():
-        raise PissaError(f"{path} not found; {folder} is not a PEFT adapter folder")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PissaError(f"{path} is not valid JSON ({e}); re-save the adapter") from e
+    return read_json(Path(folder) / CONFIG_FILE, f"{folder} is not a PEFT adapter folder", "re-save the adapter")
 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
