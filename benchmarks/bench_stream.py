@@ -162,7 +162,8 @@ def report(rows: list[dict]) -> str:
         "intermediate 5632, vocab 32000, ~1 GiB shards, decaying spectra), `pissa init` streaming at r=16, "
         "niter=4, 1 worker, "
         f"torch threads {torch.get_num_threads()}. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        "**shared with other jobs while this ran**, so times are noisy; the copy floor and the init ran back to "
+        f"1-minute load average {os.getloadavg()[0]:.2f} when the report was written (above ~1 means other "
+        "jobs shared the machine and times are noisy); the copy floor and the init ran back to "
         "back on the same files (both from the page cache). Peak RSS is the process's VmHWM, imports "
         "(torch, transformers, peft) included.",
         "",
