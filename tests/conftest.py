@@ -36,6 +36,17 @@ def build_tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: tiny matmuls gain nothing from threads, and on
+    busy cores OpenMP spin-waiting makes them up to ~100x slower. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`; results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_tiny_llama():
     """Factory fixture: make_tiny_llama(seed=0, **config_overrides)."""

@@ -22,14 +22,7 @@ from pissa.convert import convert_to_lora, layer_scale
 from pissa.errors import PissaError
 from pissa.initialize import run_init
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on shared cores OpenMP waiting makes them ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 # --- helpers shared with test_merge.py ------------------------------------------------------------

@@ -16,14 +16,7 @@ from pissa.errors import PissaError
 from pissa.merge import merge_adapter
 from test_convert import assert_nothing_written, load_with_adapter, logits, make_init, train_pissa
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on shared cores OpenMP waiting makes them ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def load(folder):

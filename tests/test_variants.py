@@ -17,13 +17,7 @@ FAST_ROBUST = {"max_iter": 5}  # keeps model-level tests quick; the l1 tests use
 FAST_HUBER = {"solver": "huber-gd", "max_iter": 100}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread avoids oversubscribing the shared cores (results do not depend on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def l1(t: torch.Tensor) -> float:
