@@ -16,7 +16,6 @@ from .base import (
     layer_seed,
     lora_scale,
     make_options,
-    option_names,
     register,
 )
 from .svd import randomized_svd
@@ -32,7 +31,6 @@ __all__ = [
     "layer_seed",
     "lora_scale",
     "make_options",
-    "option_names",
     "randomized_svd",
     "register",
 ]

@@ -86,10 +86,6 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def option_names(method: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(get_method(method).options)]
-
-
 def make_options(method: str, options: dict | None = None):
     """Build the typed options dataclass of `method`, refusing unknown option names."""
     m = get_method(method)
