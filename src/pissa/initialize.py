@@ -67,20 +67,21 @@ def run_init(
     memory (pissa.checkpoint.stream; `workers`, `device`, `resume` apply there); `stream=False`
     forces the in-memory path, which also serves hub ids and pickled checkpoints.
     """
+    resolved = resolve_model(model)  # once: an embedded name is converted to a folder on first use
     if stream is None:
-        stream = dtype == "auto" and is_safetensors_folder(resolve_model(model))
+        stream = dtype == "auto" and is_safetensors_folder(resolved)
     if stream:
         from .checkpoint.stream import stream_init
 
         if dtype != "auto":
             raise PissaError(f"--dtype {dtype} casts the whole model, which streaming does not do; pass --in-memory")
-        return stream_init(model, resolve_model(model), config, out, overwrite, trust_remote_code, progress,
+        return stream_init(model, resolved, config, out, overwrite, trust_remote_code, progress,
                            workers=workers, device=device, resume=resume)
     if workers != 1 or device != "cpu":
         raise PissaError("--workers and --device apply to streaming init only; drop them with --in-memory")
     start = time.perf_counter()
     out = check_output_dir(out, overwrite)  # fail before the (slow) load, not after
-    base, tokenizer, path = load_model(model, dtype, trust_remote_code)
+    base, tokenizer, path = load_model(resolved, dtype, trust_remote_code)
     peft_model, layers = init_model(base, config, progress)
     # QPiSSA: the loader settings that reproduce the fitted quantization (None without --quantize).
     quantization = record_into_(peft_model.get_base_model().config, config, layers)
