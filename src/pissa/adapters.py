@@ -24,7 +24,7 @@ from torch import nn
 
 from .decompose import decompose, get_method, layer_seed, make_options
 from .errors import PissaError
-from .models import is_causal_lm, parse_dtype
+from .models import is_causal_lm_model, parse_dtype
 
 ADAPTER_NAME = "default"
 
@@ -138,7 +138,7 @@ def lora_config(config: PissaConfig, model: nn.Module, matched: list[str]):
         fan_in_fan_out=any(is_conv1d(modules[n]) for n in matched),
         init_lora_weights=True,
         # plain nn.Modules (a small CNN) have no HF config and get no task type
-        task_type="CAUSAL_LM" if hasattr(model, "config") and is_causal_lm(model.config) else None,
+        task_type="CAUSAL_LM" if is_causal_lm_model(model) else None,
     )
 
 
@@ -307,5 +307,6 @@ def init_layer_(layer, name: str, config: PissaConfig) -> dict:
 def residual_state_dict(peft_model) -> dict[str, torch.Tensor]:
     """The base model's state dict with the residual weights under their original names."""
     state = peft_model.get_base_model().state_dict()
-    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    adapter_parts = (".lora_", ".ranknum.")  # ranknum: AdaLoRA's (not saved) rank buffer
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if not any(p in k for p in adapter_parts)}
 

@@ -40,6 +40,7 @@ from .checkpoint.adapter_io import (
 from .checkpoint.atomic import atomic_output_dir, check_output_dir, dir_size
 from .errors import PissaError
 from .manifest import read_manifest
+from .singular_values import adalora_as_lora, factored_svd
 
 INIT_ADAPTER_DIR = "adapter"  # initialize.ADAPTER_DIR; not imported so that this module stays light
 CONVERSION_FILE = "conversion.json"
@@ -98,6 +99,8 @@ def read_lora_adapter(folder: str | Path, role: str) -> tuple[dict, dict, dict, 
     if (folder / "pissa.json").exists() and not (folder / "adapter_config.json").exists():
         raise PissaError(f"{folder} is a `pissa init` folder, not an adapter; give its trained adapter as {role}")
     config, state = read_adapter(folder)
+    if config.get("peft_type") == "ADALORA":  # pissa train --train-singular-values: B·diag(E)·A is a LoRA
+        config, state = adalora_as_lora(config, state)
     if config.get("peft_type", "LORA") != "LORA":
         raise PissaError(f"{role} {folder} is a {config['peft_type']} adapter; only LoRA adapters can be converted")
     if config.get("use_dora"):
@@ -236,12 +239,10 @@ def truncate(A2: torch.Tensor, B2: torch.Tensor, scale: float, rank: int, s_out:
 
     Returns (A (k, in), B (out, k), info) with s_out·B@A = the truncated ΔW (Eckart-Young).
     """
-    Qb, Rb = torch.linalg.qr(B2.double() * scale)  # Qb (out, 2r) orthonormal, Rb (2r, 2r)
-    Qa, Ra = torch.linalg.qr(A2.double().T)  # Qa (in, 2r) orthonormal, Ra (2r, 2r)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)  # ΔW = Qb (U S Vh) Qaᵀ; the small core is (2r, 2r)
+    U, S, Vh = factored_svd(B2.double() * scale, A2)  # the core SVD is (2r, 2r)
     root = (S[:rank] / s_out).sqrt()  # (k,), split evenly between the two factors
-    B = (Qb @ U[:, :rank]) * root  # (out, k)
-    A = root[:, None] * (Vh[:rank] @ Qa.T)  # (k, in)
+    B = U[:, :rank] * root  # (out, k)
+    A = root[:, None] * Vh[:rank]  # (k, in)
     total, tail = float(S.square().sum()), float(S[rank:].square().sum())
     info = {"delta_fro": math.sqrt(total), "err_fro": math.sqrt(tail),
             "rel_err": math.sqrt(tail / total) if total > 0 else 0.0,

@@ -44,8 +44,17 @@ def resolve_model(spec: str | Path) -> str:
     return spec  # a hub id; from_pretrained reports if it cannot be reached
 
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
 def is_causal_lm(config) -> bool:
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+    return any(a.endswith(CAUSAL_LM_SUFFIXES) for a in (config.architectures or []))
+
+
+def is_causal_lm_model(model) -> bool:
+    """A loaded causal LM; a model built from a config has no `architectures`, so its class also counts."""
+    config = getattr(model, "config", None)
+    return type(model).__name__.endswith(CAUSAL_LM_SUFFIXES) or (config is not None and is_causal_lm(config))
 
 
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 import shutil
 import time
@@ -72,6 +73,11 @@ class TrainConfig:
     method: str | None = field(default=None, metadata={
         "help": f"One of {', '.join(METHODS)}. Default: pissa with --model, the init's method with --init."})
     dora: bool = field(default=False, metadata={"help": "DoRA: add a trainable magnitude vector (use_dora)."})
+    train_singular_values: bool = field(default=False, metadata={
+        "help": "pissa: train the singular values as their own vector, B·diag(S)·A (paper appendix A), with an "
+                "orthogonality regulariser; saved as a stock PEFT AdaLoRA adapter."})
+    orth_reg_weight: float = field(default=0.1, metadata={
+        "help": "--train-singular-values: weight of the regulariser ‖AAᵀ−I‖ + ‖BᵀB−I‖ added to the loss."})
     data: str = field(default="arith", metadata={
         "help": "A .json/.jsonl file (Alpaca, MetaMathQA or chat `messages`), `arith[:split]` (bundled, "
                 "synthetic), or a Hugging Face dataset NAME[:SPLIT] (needs `datasets` and network)."})
@@ -120,6 +126,11 @@ class TrainConfig:
             raise PissaError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.method == "full" and self.dora:
             raise PissaError("--dora applies to adapters; drop it or choose an adapter --method")
+        if self.train_singular_values and self.dora:
+            raise PissaError("--train-singular-values and --dora cannot be combined (PEFT's AdaLoRA layout has no "
+                             "DoRA magnitude); drop one of them")
+        if self.orth_reg_weight < 0:
+            raise PissaError(f"--orth-reg-weight must be >= 0, got {self.orth_reg_weight}")
         for name in ("batch_size", "grad_accum", "rank"):
             if getattr(self, name) <= 0:
                 raise PissaError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -174,6 +185,9 @@ class SFTRecipe:
         if self.config.convert_at_end and self.method not in ("pissa", "qpissa"):
             raise PissaError(f"--convert-at-end rewrites a PiSSA adapter as a LoRA on the original model; a "
                              f"{self.method} run needs no conversion, drop --convert-at-end")
+        if self.config.train_singular_values and self.method != "pissa":
+            raise PissaError(f"--train-singular-values trains PiSSA's singular values; it applies to --method pissa, "
+                             f"not {self.method}")
         self.args = self._training_args()
         state = PartialState()  # the process group under torchrun / accelerate launch (a no-op alone)
         self.tokenizer = load_tokenizer(self._tokenizer_source())
@@ -293,7 +307,7 @@ class SFTRecipe:
     def _load_model(self):
         c = self.config
         if c.init is not None:
-            return load_init_dir(c.init, self.dtype, c.dora, self.args.device)
+            return self._with_singular_values(load_init_dir(c.init, self.dtype, c.dora, self.args.device))
         if self.method in QUANT_METHODS:
             return self._quantized_on_the_fly()
         from .models import load_model
@@ -304,7 +318,24 @@ class SFTRecipe:
             return model.requires_grad_(True)
         peft_model, self.init_report = init_adapters(model, self.pissa_config(), c.dora)
         self.initial_adapter = adapter_state(peft_model)  # conversion to a LoRA needs the starting A, B
-        return peft_model
+        self.initial_config = peft_model.peft_config[ADAPTER_NAME]
+        return self._with_singular_values(peft_model)
+
+    def _with_singular_values(self, peft_model):
+        """With --train-singular-values, the PiSSA adapter re-expressed as B·diag(S)·A (pissa.singular_values)."""
+        if not self.config.train_singular_values:
+            return peft_model
+        from .singular_values import to_singular_value_adapters
+
+        return to_singular_value_adapters(peft_model, self.config.orth_reg_weight, self._planned_steps())
+
+    def _planned_steps(self) -> int:
+        """Optimizer steps this run will take (recorded in the AdaLoRA config, which requires one)."""
+        c, world = self.config, self.args.world_size
+        if c.max_steps > 0:
+            return c.max_steps
+        batches = math.ceil(len(self.dataset) / (c.batch_size * world))
+        return math.ceil(c.epochs * batches / c.grad_accum)
 
     def _quantized_on_the_fly(self):
         """QLoRA / QPiSSA from --model: `pissa init --quantize` into RUN/init (rank 0, once), then load it
@@ -402,8 +433,10 @@ class SFTRecipe:
         from .manifest import build_manifest, write_manifest
 
         residual = self.out / "residual"
-        adapter_config = {**read_adapter_config(self.out / "adapter"),
-                          "base_model_name_or_path": str(residual.resolve())}
+        # The trained adapter's config, unless it was re-expressed as AdaLoRA: then the initial LoRA's.
+        config = (json.loads(json.dumps(self.initial_config.to_dict(), default=sorted))
+                  if self.config.train_singular_values else read_adapter_config(self.out / "adapter"))
+        adapter_config = {**config, "base_model_name_or_path": str(residual.resolve())}
         with atomic_output_dir(self.out / "init", overwrite=True) as tmp:
             write_adapter(tmp / "adapter", adapter_config, self.initial_adapter)
             write_manifest(tmp, build_manifest(source=self.config.model, config=self.pissa_config().to_dict(),
@@ -428,7 +461,8 @@ class SFTRecipe:
         speeds = [r["tokens_per_s"] for r in log if r["tokens_per_s"]]
         return {
             "command": self.config.command(),
-            "method": self.method + ("+dora" if self.config.dora else ""),
+            "method": self.method + ("+dora" if self.config.dora else "")
+            + ("+singular-values" if self.config.train_singular_values else ""),
             "steps": self.trainer.state.global_step,
             "first_loss": log[0]["loss"] if log else None,
             "final_loss": log[-1]["loss"] if log else None,

@@ -20,6 +20,8 @@ def train_command(
     init: str = typer.Option(None, "--init", help=H["init"]),
     method: str = typer.Option(None, "--method", "-m", help=H["method"]),
     dora: bool = typer.Option(False, "--dora", help=H["dora"]),
+    train_singular_values: bool = typer.Option(False, "--train-singular-values", help=H["train_singular_values"]),
+    orth_reg_weight: float = typer.Option(0.1, "--orth-reg-weight", help=H["orth_reg_weight"]),
     data: str = typer.Option("arith", "--data", "-d", help=H["data"]),
     limit: int = typer.Option(None, "--limit", help=H["limit"]),
     max_length: int = typer.Option(512, "--max-length", help=H["max_length"]),
@@ -72,7 +74,8 @@ def train_command(
 
     with user_errors():
         config = TrainConfig(
-            out=str(out), model=model, init=init, method=method, dora=dora, data=data, limit=limit,
+            out=str(out), model=model, init=init, method=method, dora=dora,
+            train_singular_values=train_singular_values, orth_reg_weight=orth_reg_weight, data=data, limit=limit,
             max_length=max_length, rank=rank, alpha=alpha, targets=list(targets) or None, niter=niter,
             quant_type=quant_type, quant_iters=quant_iters, lr=lr,
             scheduler=scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay, epochs=epochs,
