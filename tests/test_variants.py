@@ -315,6 +315,47 @@ def test_no_warnings_from_a_converging_robust_fit():
         decompose(outlier_matrix(8), "robust", 3)
 
 
+def test_conv2d_pissa_converts_to_lora_on_the_original_cnn(tmp_path):
+    """After real AdamW steps, original CNN + converted 2r conv LoRA == residual CNN + trained PiSSA adapter."""
+    import copy
+
+    from peft import PeftModel
+
+    from pissa.convert import convert_to_lora
+    from pissa.manifest import build_manifest, write_manifest
+
+    torch.manual_seed(0)
+    original = SmallCNN().eval()
+    config = PissaConfig(rank=4, alpha=8, targets=["conv1", "conv2", "conv3", "fc"])
+    peft_model, report = init_model(copy.deepcopy(original), config)  # the copy's kernels become the residual
+    peft_model.save_pretrained(tmp_path / "init" / "adapter")  # the initial A, B, as `pissa init` writes them
+    write_manifest(tmp_path / "init", build_manifest(source="SmallCNN", config=config.to_dict(), layers=report))
+    x, target = torch.randn(4, 3, 8, 8), torch.randn(4, 10)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):
+        torch.nn.functional.mse_loss(peft_model(x), target).backward()
+        opt.step()
+        opt.zero_grad()
+    peft_model.save_pretrained(tmp_path / "trained")
+    convert_to_lora(tmp_path / "trained", tmp_path / "init", tmp_path / "lora")
+    convert_to_lora(tmp_path / "trained", tmp_path / "init", tmp_path / "lora3", rank=3)
+    compressed = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "lora3").eval()
+    converted = PeftModel.from_pretrained(original, tmp_path / "lora").eval()
+    assert converted.base_model.model.conv2.lora_A["default"].weight.shape == (8, 8, 3, 5)  # rank 2r
+    with torch.no_grad():
+        expected = peft_model.eval()(x)
+        torch.testing.assert_close(converted(x), expected, atol=1e-5, rtol=0)
+        with converted.disable_adapter():
+            assert (converted(x) - expected).abs().max() > 1e-3
+        # --rank 3: each kernel's ΔW is the best rank-3 approximation of the exact one (unfolded SVD)
+        for name in ("conv1", "conv2", "conv3"):
+            exact = converted.base_model.model.get_submodule(name).get_delta_weight("default").flatten(1).double()
+            U, S, Vh = torch.linalg.svd(exact, full_matrices=False)
+            best = (U[:, :3] * S[:3]) @ Vh[:3]
+            got = compressed.base_model.model.get_submodule(name).get_delta_weight("default").flatten(1).double()
+            torch.testing.assert_close(got, best, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- conversion to LoRA (pissa.convert)
 
 

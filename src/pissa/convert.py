@@ -229,7 +229,7 @@ def stack_2r(trained, init, s_t: float, s_i: float, s_out: float) -> tuple[torch
 
 def delta_fro(A2: torch.Tensor, B2: torch.Tensor, scale: float) -> float:
     """‖scale·B2@A2‖_F without the dense product: trace((B2ᵀB2)(A2A2ᵀ)) on (2r, 2r) Gram matrices."""
-    A, B = A2.double(), B2.double()
+    A, B = A2.double().flatten(1), B2.double().flatten(1)  # conv factors (2r, in, kh, kw), (out, 2r, 1, 1)
     sq = torch.sum((B.T @ B) * (A @ A.T))  # = ‖B@A‖_F², both Grams (2r, 2r) and symmetric
     return abs(scale) * float(sq.clamp_min(0).sqrt())
 
@@ -237,9 +237,10 @@ def delta_fro(A2: torch.Tensor, B2: torch.Tensor, scale: float) -> float:
 def truncate(A2: torch.Tensor, B2: torch.Tensor, scale: float, rank: int, s_out: float):
     """Best rank-`rank` approximation of ΔW = scale·B2@A2, never forming the dense ΔW.
 
-    Returns (A (k, in), B (out, k), info) with s_out·B@A = the truncated ΔW (Eckart-Young).
+    Returns (A (k, in), B (out, k), info) with s_out·B@A = the truncated ΔW (Eckart-Young). Conv
+    factors (2r, in, kh, kw), (out, 2r, 1, 1) are unfolded to matrices and come back in their layout.
     """
-    U, S, Vh = factored_svd(B2.double() * scale, A2)  # the core SVD is (2r, 2r)
+    U, S, Vh = factored_svd(B2.double().flatten(1) * scale, A2.flatten(1))  # the core SVD is (2r, 2r)
     root = (S[:rank] / s_out).sqrt()  # (k,), split evenly between the two factors
     B = U[:, :rank] * root  # (out, k)
     A = root[:, None] * Vh[:rank]  # (k, in)
@@ -247,7 +248,9 @@ def truncate(A2: torch.Tensor, B2: torch.Tensor, scale: float, rank: int, s_out:
     info = {"delta_fro": math.sqrt(total), "err_fro": math.sqrt(tail),
             "rel_err": math.sqrt(tail / total) if total > 0 else 0.0,
             "sigma_kept": float(S[rank - 1]), "sigma_next": float(S[rank]) if rank < len(S) else 0.0}
-    return A.to(A2.dtype), B.to(B2.dtype), info
+    A = A.reshape(rank, *A2.shape[1:]).to(A2.dtype)
+    B = B.reshape(B2.shape[0], rank, *B2.shape[2:]).to(B2.dtype)
+    return A, B, info
 
 
 # --- the output config --------------------------------------------------------------------------
