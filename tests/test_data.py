@@ -145,6 +145,26 @@ def test_missing_file_and_missing_datasets_package(tmp_path, smollm2_tokenizer, 
         build_dataset("someone/some-dataset", smollm2_tokenizer, 512)
 
 
+def test_hub_name_config_and_split_reach_load_dataset(monkeypatch):
+    """NAME@CONFIG:SPLIT -> load_dataset(NAME, CONFIG, split=SPLIT): GSM8K cannot load without its config."""
+    import types
+
+    from pissa.data import read_records
+
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return [{"query": "q", "response": "r"}]
+
+    fake = types.SimpleNamespace(load_dataset=load_dataset)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    pairs, _ = read_records("openai/gsm8k@main:test")
+    read_records("someone/plain")
+    assert calls == [(("openai/gsm8k", "main"), {"split": "test"}), (("someone/plain", None), {"split": "train"})]
+    assert pairs == [({"query": "q", "response": "r"}, "openai/gsm8k@main:test row 1")]
+
+
 # --- the bundled synthetic set ---------------------------------------------------------------------
 
 def test_arith_is_deterministic_and_splits_are_disjoint():

@@ -111,8 +111,9 @@ def _read_hub(spec: str) -> list[tuple[dict, str]]:
             "dataset name install `pip install datasets` (and have network access)"
         ) from e
     name, _, split = spec.partition(":")
+    name, _, subset = name.partition("@")  # openai/gsm8k@main:test -> config "main" (GSM8K needs one)
     try:
-        rows = datasets.load_dataset(name, split=split or "train")
+        rows = datasets.load_dataset(name, subset or None, split=split or "train")
     except Exception as e:  # datasets raises many kinds (connection, not found, bad split)
         raise PissaError(f"could not load Hugging Face dataset {spec!r}: {e.__class__.__name__}: {e}") from e
     return [(dict(r), f"{spec} row {i}") for i, r in enumerate(rows, 1)]

@@ -80,7 +80,8 @@ class TrainConfig:
         "help": "--train-singular-values: weight of the regulariser ‖AAᵀ−I‖ + ‖BᵀB−I‖ added to the loss."})
     data: str = field(default="arith", metadata={
         "help": "A .json/.jsonl file (Alpaca, MetaMathQA or chat `messages`), `arith[:split]` (bundled, "
-                "synthetic), or a Hugging Face dataset NAME[:SPLIT] (needs `datasets` and network)."})
+                "synthetic), or a Hugging Face dataset NAME[@CONFIG][:SPLIT], e.g. openai/gsm8k@main:train "
+                "(needs `datasets` and network)."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N records."})
     max_length: int = field(default=512, metadata={"help": "Drop examples longer than this many tokens."})
     rank: int = field(default=16, metadata={"help": "Adapter rank r (--model only; --init keeps its rank)."})

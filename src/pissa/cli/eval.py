@@ -19,7 +19,8 @@ def eval_command(
         ..., help="A `pissa init` folder, a training run or adapter folder, or a model (embedded name, folder, hub id)."
     ),
     data: str = typer.Option("arith", "--data", "-d", help="arith[:test|:train] (bundled, offline; arith = its test "
-                             "split), a JSON/JSONL file, or a hub dataset NAME[:SPLIT] (needs `datasets` + network)."),
+                             "split), a JSON/JSONL file, or a hub dataset NAME[@CONFIG][:SPLIT], e.g. "
+                             "openai/gsm8k@main:test (needs `datasets` + network)."),
     task: str = typer.Option("gsm8k", "--task", help=H["task"]),
     adapter: Path = typer.Option(None, "--adapter", "-a", help="A PEFT adapter folder to apply on the model."),
     out: Path = typer.Option(None, "--out", "-o", help="Results folder (default RUN/eval/<data>-<task>)."),
