@@ -53,27 +53,40 @@ def exact_is_cheaper(W: torch.Tensor, k: int, niter: int) -> bool:
     covering much of the spectrum, or many power iterations, takes longer than the exact answer.
     On a GPU the exact SVD is relatively slow, so the sketch is always kept there.
     """
-    return W.device.type == "cpu" and (niter + 1) * k > 2 * min(W.shape)
+    return W.device.type == "cpu" and (niter + 1) * k > 2 * min(W.shape[-2:])
 
 
 def randomized_svd(
     W: torch.Tensor, rank: int, niter: int, oversample: int | None, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-`rank` SVD of W (out, in) by a randomized range finder with power iterations.
+    """Top-`rank` SVD of W (out, in) by a randomized range finder with power iterations."""
+    U, S, Vh = randomized_svd_batch(W[None], rank, niter, oversample, [generator])
+    return U[0], S[0], Vh[0]
 
-    The Gaussian sketch is drawn on the CPU from `generator`, so a seed gives the same factors
-    on any device. Re-orthonormalising between power steps keeps small singular values accurate.
+
+def gaussian_sketch(in_dim: int, k: int, generators: list[torch.Generator], W: torch.Tensor) -> torch.Tensor:
+    """(b, in, k) test matrices, each drawn on the CPU from its own matrix's generator: a matrix gets
+    the same sketch alone or in a batch, and on any device."""
+    return torch.stack([torch.randn(in_dim, k, generator=g, dtype=W.dtype) for g in generators]).to(W.device)
+
+
+def randomized_svd_batch(
+    W: torch.Tensor, rank: int, niter: int, oversample: int | None, generators: list[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` SVDs of a batch W (b, out, in), one generator per matrix (Halko et al., alg. 4.4).
+
+    One QR per power iteration (after each W W^T step, not after each half step): the columns of
+    W W^T Q spread by (s_1 / s_k)^2 at most, which fp32 QR resolves; the half-step QR it replaces
+    cost ~10 % of the time without changing the error (measured on SmolLM2 layers).
     """
-    out_dim, in_dim = W.shape
-    k = sketch_size(rank, oversample, W.shape)
-    omega = torch.randn(in_dim, k, generator=generator, dtype=W.dtype).to(W.device)  # (in, k)
-    Q = torch.linalg.qr(W @ omega).Q  # (out, k)
+    k = sketch_size(rank, oversample, W.shape[-2:])
+    omega = gaussian_sketch(W.shape[-1], k, generators, W)  # (b, in, k)
+    Q = torch.linalg.qr(W @ omega).Q  # (b, out, k)
     for _ in range(niter):
-        Z = torch.linalg.qr(W.T @ Q).Q  # (in, k)
-        Q = torch.linalg.qr(W @ Z).Q  # (out, k)
-    U_small, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)  # (k, k), (k,), (k, in)
-    U = Q @ U_small  # (out, k)
-    return U[:, :rank], S[:rank], Vh[:rank]
+        Q = torch.linalg.qr(W @ (W.mT @ Q)).Q  # (b, out, k)
+    U_small, S, Vh = torch.linalg.svd(Q.mT @ W, full_matrices=False)  # (b, k, k), (b, k), (b, k, in)
+    U = Q @ U_small  # (b, out, k)
+    return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
 def select_components(n: int, rank: int, components: Components, generator: torch.Generator) -> torch.Tensor:
@@ -88,16 +101,28 @@ def select_components(n: int, rank: int, components: Components, generator: torc
     return torch.randperm(n, generator=generator)[:rank].sort().values
 
 
-@register("pissa", SVDOptions, "PiSSA: adapter = top-r singular triplets of W, residual frozen.")
-def pissa(W: torch.Tensor, rank: int, opts: SVDOptions, generator: torch.Generator):
-    exact = opts.niter is None or exact_is_cheaper(W, sketch_size(rank, opts.oversample, W.shape), opts.niter)
+def pissa_batch(W: torch.Tensor, rank: int, opts: SVDOptions, generators: list[torch.Generator]):
+    """PiSSA factors of a batch W (b, out, in) of same-shape matrices: B (b, out, r), A (b, r, in), infos.
+    Each matrix uses only its own generator, so it gets the factors it gets alone (to rounding)."""
+    k = sketch_size(rank, opts.oversample, W.shape[-2:])
+    exact = opts.niter is None or exact_is_cheaper(W, k, opts.niter)
     if exact:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (out, k), (k,), (k, in)
-        idx = select_components(S.numel(), rank, opts.components, generator).to(W.device)
-        U, S, Vh = U[:, idx], S[idx], Vh[idx]  # (out, r), (r,), (r, in)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (b, out, n), (b, n), (b, n, in)
+        idx = torch.stack([select_components(S.shape[-1], rank, opts.components, g) for g in generators])
+        idx = idx.to(W.device)  # (b, r)
+        U = U.gather(-1, idx[:, None, :].expand(-1, U.shape[-2], -1))  # (b, out, r)
+        Vh = Vh.gather(-2, idx[:, :, None].expand(-1, -1, Vh.shape[-1]))  # (b, r, in)
+        S = S.gather(-1, idx)  # (b, r)
     else:
-        U, S, Vh = randomized_svd(W, rank, opts.niter, opts.oversample, generator)
-    root = S.sqrt()  # (r,)
-    B = U * root  # (out, r)
-    A = root[:, None] * Vh  # (r, in)
-    return B, A, {"svd": "exact" if exact else "randomized", "singular_values": [round(s, 6) for s in S.tolist()[:8]]}
+        U, S, Vh = randomized_svd_batch(W, rank, opts.niter, opts.oversample, generators)
+    root = S.sqrt()  # (b, r)
+    B = U * root[:, None, :]  # (b, out, r)
+    A = root[:, :, None] * Vh  # (b, r, in)
+    svd = "exact" if exact else "randomized"
+    return B, A, [{"svd": svd, "singular_values": [round(s, 6) for s in row[:8]]} for row in S.tolist()]
+
+
+@register("pissa", SVDOptions, "PiSSA: adapter = top-r singular triplets of W, residual frozen.", batch=pissa_batch)
+def pissa(W: torch.Tensor, rank: int, opts: SVDOptions, generator: torch.Generator):
+    B, A, infos = pissa_batch(W[None], rank, opts, [generator])  # one path for one matrix and for many
+    return B[0], A[0], infos[0]
