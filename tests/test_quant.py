@@ -17,6 +17,7 @@ from typer.testing import CliRunner  # noqa: E402
 from pissa.adapters import PissaConfig, init_model, linear_modules  # noqa: E402
 from pissa.cli import app  # noqa: E402
 from pissa.cli.quant_report import expand_greedy  # noqa: E402
+from pissa.decompose import layer_seed  # noqa: E402
 from pissa.errors import PissaError  # noqa: E402
 from pissa.initialize import run_init  # noqa: E402
 from pissa.quant import (  # noqa: E402
@@ -26,6 +27,7 @@ from pissa.quant import (  # noqa: E402
     fake_quantize,
     fit_iterates,
     load_kwargs,
+    loftq_decompose,
     loftq_iterates,
     nuclear,
     qlora_iterate,
@@ -187,6 +189,38 @@ def test_init_path_gives_the_report_iterate(structured_llama):
     assert f.info["quant"]["iter_error_fro"][-1] < f.info["quant"]["qlora_error_fro"]
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1.0), (torch.bfloat16, 2.0)])
+def test_loftq_init_stores_w_minus_previous_adapter_and_fits_its_quantization(structured_llama, dtype, scale):
+    """LoftQ for pissa init: residual R = W - L_{T-1} as stored, nf4(R) is the loop's Q_T bit for bit, and
+    the stored adapter (scaled, cast) is the loop's last L_T = top-r of W - Q_T."""
+    W = structured_llama.model.layers[0].self_attn.q_proj.weight.detach().to(dtype)
+    spec = QuantSpec(dtype=str(dtype).removeprefix("torch."))
+    f = loftq_decompose(W, 8, spec, 3, scale=scale, seed=7, adapter_dtype=dtype, name="q")
+    *_, before, last = loftq_iterates(W.float(), 8, spec, 3, seed=7)
+    assert f.residual.dtype == dtype
+    assert torch.equal(f.residual, (W.float() - before.B @ before.A).to(dtype))
+    assert torch.equal(fake_quantize(f.residual, spec), last.Q)
+    update = scale * (f.B.float() @ f.A.float())  # (out, in), the adapter as stored
+    tol = 1e-6 if dtype == torch.float32 else 2e-4  # bf16 factors: the cast of A and B
+    torch.testing.assert_close(update, last.B @ last.A, rtol=0, atol=tol)
+    quant = f.info["quant"]
+    assert quant["fit"] == "loftq" and len(quant["iter_error_fro"]) == 3
+    assert quant["error_fro"] == pytest.approx((W.float() - last.Q - update).norm().item(), rel=1e-6)
+    assert quant["error_fro"] < quant["qlora_error_fro"]
+    # LoftQ's residual is not W - B @ A (that is QPiSSA's identity): the unquantized recon error is reported.
+    assert f.info["recon_max_abs_err"] == pytest.approx((f.residual.float() + update - W.float()).abs().max().item())
+    assert f.info["recon_max_abs_err"] > 1e-4
+
+
+def test_loftq_init_with_one_step_stores_w_itself(structured_llama):
+    """T = 1: the base is QLoRA's nf4(W) and the adapter the top-r of its error (LoftQ's first step)."""
+    W = structured_llama.model.layers[1].mlp.down_proj.weight.detach()
+    f = loftq_decompose(W, 8, QuantSpec(), 1)
+    assert torch.equal(f.residual, W)
+    it = next(loftq_iterates(W, 8, QuantSpec(), 1))
+    torch.testing.assert_close(f.B @ f.A, it.B @ it.A, rtol=0, atol=1e-6)
+
+
 def test_qpissa_with_scale_and_bf16_adapter_fits_the_stored_factors(structured_llama):
     W = structured_llama.model.layers[0].mlp.up_proj.weight.detach().to(torch.bfloat16)
     spec = QuantSpec(dtype="bfloat16")
@@ -222,16 +256,19 @@ def fitted_reference(structured_dir, out):
     return PeftModel.from_pretrained(model, out / "adapter")
 
 
+@pytest.mark.parametrize("fit", ["qpissa", "loftq"])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_saved_residual_loads_in_4bit_as_fitted(structured_dir, tmp_path, tokens, double_quant):
+def test_saved_residual_loads_in_4bit_as_fitted(structured_dir, structured_llama, tmp_path, tokens, double_quant,
+                                                 fit):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "qpissa"
-    result = run_init(str(structured_dir), PissaConfig(rank=8, quantize="nf4", quant_iters=2,
+    out = tmp_path / fit
+    result = run_init(str(structured_dir), PissaConfig(rank=8, quantize="nf4", quant_iters=2, quant_fit=fit,
                                                        double_quant=double_quant), out, stream=False)
     record = read_record(out / "residual")
     assert record == result.manifest["quantization"]
+    assert record["fit"] == fit and result.manifest["config"]["quant_fit"] == fit
     assert record["bnb_config"]["bnb_4bit_use_double_quant"] is double_quant and record["blocksize"] == 64
     loaded = AutoModelForCausalLM.from_pretrained(out / "residual", **load_kwargs(out / "residual"))
     assert check_quantized_output(loaded, out)["layers"] == 14
@@ -242,11 +279,16 @@ def test_saved_residual_loads_in_4bit_as_fitted(structured_dir, tmp_path, tokens
 
     stored = load_file(out / "residual" / "model.safetensors")
     modules = dict(loaded.named_modules())
+    originals = dict(structured_llama.named_modules())
     for name, info in result.manifest["layers"].items():
         w = modules[name].weight
         deq = bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
         assert torch.equal(deq, fake_quantize(stored[f"{name}.weight"], spec)), name
         assert info["quant"]["error_fro"] < info["quant"]["qlora_error_fro"]
+        if fit == "loftq":  # the loaded base is the LoftQ loop's own Q_T, run on the original weight
+            W = originals[name].weight.detach()
+            *_, last = loftq_iterates(W, 8, spec, 2, seed=layer_seed(0, name))
+            assert torch.equal(deq, last.Q), name
 
     # Logits of the 4-bit model + adapter match the fitted reconstruction Q + B @ A. Train mode: that
     # is how QPiSSA runs, and bitsandbytes' CPU inference path would round absmax to bf16.
@@ -254,6 +296,86 @@ def test_saved_residual_loads_in_4bit_as_fitted(structured_dir, tmp_path, tokens
     reference = fitted_reference(structured_dir, out).train()
     with torch.no_grad():
         torch.testing.assert_close(quantized(tokens).logits, reference(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_loftq_init_agrees_with_peft_loftq_config(structured_dir, tmp_path, monkeypatch):
+    """pissa init --quant-fit loftq == PEFT's LoraConfig(init_lora_weights="loftq"): PEFT keeps the dequantized
+    Q as the base weight, ours is the stored residual quantized at load; same Q bit for bit, same A and B
+    (both split sqrt(S) evenly between the factors; alpha = r so no scale) up to the sign of each component."""
+    from peft import LoftQConfig, LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "loftq"
+    run_init(str(structured_dir), PissaConfig(rank=8, quantize="nf4", quant_fit="loftq", quant_iters=3), out,
+             stream=False)
+    ours = AutoModelForCausalLM.from_pretrained(out / "residual", **load_kwargs(out / "residual"))
+    from safetensors.torch import load_file
+
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+
+    base = AutoModelForCausalLM.from_pretrained(structured_dir, dtype=torch.float32)
+    targets = sorted({n.rsplit(".", 1)[-1] for n in linear_modules(base)})
+    config = LoraConfig(r=8, lora_alpha=8, target_modules=targets, init_lora_weights="loftq",
+                        loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=3))
+    on_cpu_instead_of_cuda(monkeypatch)
+    peft = get_peft_model(base, config)
+    monkeypatch.undo()
+    peft_modules, our_modules = dict(peft.base_model.model.named_modules()), dict(ours.named_modules())
+    names = list(json.loads((out / "pissa.json").read_text())["layers"])
+    assert len(names) == 14
+    for name in names:
+        layer, w = peft_modules[name], our_modules[name].weight
+        assert torch.equal(bnb.functional.dequantize_4bit(w.data, w.quant_state).float(),
+                           layer.get_base_layer().weight), name
+        A_peft, B_peft = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in), (out, r)
+        A, B = adapter[f"base_model.model.{name}.lora_A.weight"], adapter[f"base_model.model.{name}.lora_B.weight"]
+        signs = torch.sign((A * A_peft).sum(dim=1))  # (r,) the SVD's sign choice per component
+        torch.testing.assert_close(A * signs[:, None], A_peft, rtol=0, atol=1e-5)
+        torch.testing.assert_close(B * signs, B_peft, rtol=0, atol=1e-5)
+
+
+def test_loftq_streams_like_in_memory(structured_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    config = PissaConfig(rank=8, quantize="nf4", quant_fit="loftq", quant_iters=2)
+    streamed = run_init(str(structured_dir), config, tmp_path / "s")
+    memory = run_init(str(structured_dir), config, tmp_path / "m", stream=False)
+    assert "stream" in streamed.manifest and "stream" not in memory.manifest
+    assert streamed.manifest["quantization"] == memory.manifest["quantization"]
+    assert streamed.manifest["quantization"]["fit"] == "loftq"
+    for part, file in (("residual", "model.safetensors"), ("adapter", "adapter_model.safetensors")):
+        a, b = load_file(tmp_path / "s" / part / file), load_file(tmp_path / "m" / part / file)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_converting_a_loftq_run_is_off_by_the_inits_fitted_error(structured_dir, structured_llama, tmp_path):
+    """pissa convert of an adapter trained on a LoftQ init: original + converted LoRA differs from the trained
+    Q + B'A' by exactly the init's W - Q - BA (what the convert note says), not by anything else."""
+    from pissa.checkpoint.adapter_io import read_adapter, write_adapter
+    from pissa.convert import convert_to_lora
+
+    out = tmp_path / "loftq"
+    result = run_init(str(structured_dir), PissaConfig(rank=8, quantize="nf4", quant_fit="loftq", quant_iters=2), out,
+                      stream=False)
+    config, state = read_adapter(out / "adapter")
+    g = torch.Generator().manual_seed(0)
+    trained = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}  # "training" moved A, B
+    write_adapter(tmp_path / "trained", config, trained)
+    converted = convert_to_lora(tmp_path / "trained", out, tmp_path / "lora")
+    assert len(converted.notes) == 1 and "the init is LoftQ" in converted.notes[0]
+    _, lora = read_adapter(tmp_path / "lora")
+    from safetensors.torch import load_file
+
+    stored = load_file(out / "residual" / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj"
+    key = f"base_model.model.{name}.lora_"
+    W = dict(structured_llama.named_modules())[name].weight.detach()  # (out, in)
+    Q = fake_quantize(stored[f"{name}.weight"], QuantSpec())  # (out, in) the trained base
+    on_original = W + lora[key + "B.weight"] @ lora[key + "A.weight"]  # alpha = 2r over rank 2r: scale 1
+    trained_model = Q + trained[key + "B.weight"] @ trained[key + "A.weight"]
+    fitted_error = W - Q - state[key + "B.weight"] @ state[key + "A.weight"]
+    torch.testing.assert_close(on_original - trained_model, fitted_error, rtol=0, atol=1e-6)
+    assert fitted_error.norm().item() == pytest.approx(result.manifest["layers"][name]["quant"]["error_fro"], rel=1e-4)
 
 
 def test_mismatched_loading_config_is_detected(structured_dir, tmp_path):
@@ -311,6 +433,10 @@ def test_missing_bitsandbytes_says_how_to_install(monkeypatch):
     ({"quantize": "int8"}, "int8 is measured by `pissa quant-report`"),
     ({"quantize": "nf4", "quant_iters": 0}, "--quant-iters must be >= 1"),
     ({"quantize": "nf4", "quant_storage": "int4"}, "quant storage must be one of"),
+    ({"quant_fit": "loftq"}, "--quant-fit loftq fits the adapter against a quantized base; add --quantize nf4"),
+    ({"quantize": "nf4", "quant_fit": "svd"}, "unknown --quant-fit 'svd'; choose one of: qpissa, loftq"),
+    ({"quant_fit": "qlora"}, "unknown --quant-fit 'qlora'; choose one of: qpissa, loftq"),
+    ({"quantize": "nf4", "quant_fit": "loftq", "method": "lora-kaiming"}, "drop --method lora-kaiming, or use"),
 ])
 def test_bad_quant_settings_are_refused(kwargs, message):
     with pytest.raises(PissaError, match=message.replace("[", r"\[")):
@@ -343,6 +469,23 @@ def test_cli_init_quantize_and_bad_iters(structured_dir, tmp_path):
     manifest = json.loads((tmp_path / "ok" / "pissa.json").read_text())
     assert manifest["quantization"]["double_quant"] is True and manifest["config"]["quant_iters"] == 2
     assert manifest["layers"]["model.layers.0.self_attn.q_proj"]["quant"]["iters"] == 2
+
+
+def test_cli_init_quant_fit_loftq_and_its_bad_input(structured_dir, tmp_path):
+    no_quantize = runner.invoke(app, ["init", str(structured_dir), "--quant-fit", "loftq",
+                                      "--out", str(tmp_path / "a")])
+    assert no_quantize.exit_code == 2 and "add --quantize nf4" in no_quantize.output
+    unknown = runner.invoke(app, ["init", str(structured_dir), "--quantize", "nf4", "--quant-fit", "gptq",
+                                  "--out", str(tmp_path / "b")])
+    assert unknown.exit_code == 2 and "unknown --quant-fit 'gptq'; choose one of: qpissa, loftq" in unknown.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    ok = runner.invoke(app, ["init", str(structured_dir), "--rank", "8", "--quantize", "nf4", "--quant-fit", "loftq",
+                             "--quant-iters", "2", "--out", str(tmp_path / "ok")])
+    assert ok.exit_code == 0, ok.output
+    assert "max |residual + BA - W|" in ok.output and "loftq" in ok.output  # (the table wraps long cells)
+    manifest = json.loads((tmp_path / "ok" / "pissa.json").read_text())
+    assert manifest["config"]["quant_fit"] == manifest["quantization"]["fit"] == "loftq"
+    assert {info["quant"]["fit"] for info in manifest["layers"].values()} == {"loftq"}
 
 
 # --- quant-report ----------------------------------------------------------------------------------

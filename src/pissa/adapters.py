@@ -56,9 +56,15 @@ class PissaConfig:
         metadata={"help": "QPiSSA: fit the adapter against the residual quantized to nf4 or fp4 (bitsandbytes "
                           "4-bit, as the loader will quantize it). Default: no quantization."},
     )
+    quant_fit: str = field(
+        default="qpissa",
+        metadata={"help": "With --quantize, how the adapter is fitted: qpissa (SVD of W, then quantize the "
+                          "residual; paper Algorithm 1) or loftq (quantize W, then SVD of the quantization error; "
+                          "Li et al. 2023)."},
+    )
     quant_iters: int = field(
-        default=5, metadata={"help": "QPiSSA alternating SVD/quantization steps T (paper Algorithm 1; 1 = plain "
-                                     "QPiSSA, paper uses 5)."}
+        default=5, metadata={"help": "Alternating SVD/quantization steps T of the quantized fit (paper Algorithm 1; "
+                                     "1 = plain QPiSSA or LoftQ, paper uses 5)."}
     )
     double_quant: bool = field(
         default=False, metadata={"help": "Also quantize the 4-bit absmax values (bnb_4bit_use_double_quant)."}
@@ -83,7 +89,7 @@ class PissaConfig:
         get_method(self.method)
         make_options(self.method, self.options)  # refuses unknown options now, not mid-run
         parse_dtype(self.adapter_dtype)
-        if self.quantize is not None:
+        if self.quantize is not None or self.quant_fit != "qpissa":  # a fit without --quantize is refused there
             from .quant.config import check_quant_config
 
             check_quant_config(self)
@@ -271,7 +277,8 @@ def init_model(
 def decompose_weight(W: torch.Tensor, name: str, config: PissaConfig, rank: int, scale: float):
     """Decompose one layer's (out, in) weight per `config`: the single per-tensor entry point
     shared by the in-memory and streaming paths, so both give the same tensors.
-    With `config.quantize` set it runs QPiSSA (pissa.quant), fitting against the quantized residual."""
+    With `config.quantize` set it runs QPiSSA or LoftQ (`config.quant_fit`, pissa.quant), fitting
+    against the quantized residual."""
     # MKL's GEMM/LAPACK bits depend on the data's address alignment: an fp32 weight mmap'd from a
     # file, loaded by transformers or read into a fresh buffer would otherwise decompose to
     # different last bits. A fresh (allocator-aligned) copy makes the result depend on values only.

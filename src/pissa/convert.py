@@ -338,8 +338,15 @@ def convert_to_lora(
 
 
 def quantization_notes(manifest: dict) -> list[str]:
-    """QPiSSA trains on Q(W_res): W + ΔW then differs from the trained model by that quantization error."""
-    if not manifest.get("quantization"):
+    """A quantized init trains on Q + B'A' with Q + BA ~ W: W + ΔW then differs from the trained model by
+    the init's fitted error W - Q - BA. For QPiSSA that is the residual's quantization error (R = W - BA);
+    LoftQ's residual is not W - BA (R = W - L_{T-1}), but the same error, its fitted one, applies."""
+    record = manifest.get("quantization")
+    if not record:
         return []
+    if record.get("fit") == "loftq":
+        return ["the init is LoftQ (its base Q + BA only approximates W, and its stored residual + BA is not W "
+                "either): the adapter holds ΔW exactly, but original + adapter differs from the trained Q + B'A' "
+                "by the init's fitted error W - Q - BA (pissa.json: layers.*.quant.error_fro), as for QPiSSA"]
     return ["the init's residual was quantized (QPiSSA): the adapter holds ΔW exactly, but original + adapter "
             "differs from the trained Q(W_res) + B'A' by the residual's quantization error (paper, appendix C)"]

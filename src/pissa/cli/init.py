@@ -35,6 +35,7 @@ def init_command(
     seed: int = typer.Option(0, "--seed", help=H["seed"]),
     adapter_dtype: str = typer.Option("float32", "--adapter-dtype", help=H["adapter_dtype"]),
     quantize: str = typer.Option(None, "--quantize", "-q", help=H["quantize"]),
+    quant_fit: str = typer.Option("qpissa", "--quant-fit", help=H["quant_fit"]),
     quant_iters: int = typer.Option(5, "--quant-iters", help=H["quant_iters"]),
     double_quant: bool = typer.Option(False, "--double-quant", help=H["double_quant"]),
     quant_storage: str = typer.Option("uint8", "--quant-storage", help=H["quant_storage"]),
@@ -66,6 +67,8 @@ def init_command(
       torchrun --nproc-per-node 8 -m pissa.cli init ./Llama-70B --device cuda --out out/llama70b-r64
 
       pissa init smollm2-135m --rank 64 --quantize nf4 --quant-iters 5 --out out/qpissa-r64
+
+      pissa init smollm2-135m --rank 64 --quantize nf4 --quant-fit loftq --quant-iters 5 --out out/loftq-r64
     """
     from ..initialize import run_init
 
@@ -89,6 +92,7 @@ def init_command(
             seed=seed,
             adapter_dtype=adapter_dtype,
             quantize=quantize,
+            quant_fit=quant_fit,
             quant_iters=quant_iters,
             double_quant=double_quant,
             quant_storage=quant_storage,
@@ -104,12 +108,20 @@ def init_command(
         ("layers", str(summary["layers"])),
         ("ranks", ", ".join(map(str, summary["ranks"]))),
         ("trainable params", f"{result.trainable_params:,}"),
-        ("max reconstruction error", f"{summary['max_recon_abs_err']:.3g} (after cast to storage dtype)"),
+        recon_row(config, summary),
         *quant_rows(result.manifest),
         *stream_rows(result.manifest),
         ("wall time", f"{result.seconds:.1f} s"),
         *[(f"{out / name}", human_bytes(size)) for name, size in sizes.items()],
     ]))
+
+
+def recon_row(config: PissaConfig, summary: dict) -> tuple[str, str]:
+    """max |residual + B A - W|: an identity up to the storage cast, except for LoftQ, whose residual is not W - B A."""
+    err = f"{summary['max_recon_abs_err']:.3g}"
+    if config.quantize is not None and config.quant_fit == "loftq":
+        return ("max |residual + BA - W|", f"{err} (LoftQ fits Q(residual) + BA ~ W instead; see quant error)")
+    return ("max reconstruction error", f"{err} (after cast to storage dtype)")
 
 
 def stream_rows(manifest: dict) -> list[tuple[str, str]]:

@@ -1,7 +1,16 @@
 """QPiSSA: quantized residuals (NF4/FP4/INT8 through bitsandbytes), error metrics, and the
 QPiSSA / LoftQ / QLoRA fitting loops. bitsandbytes is imported lazily (`pip install 'pissa[quant]'`)."""
 
-from .fit import FITS, Iterate, fit_iterates, loftq_iterates, qlora_iterate, qpissa_decompose, qpissa_iterates
+from .fit import (
+    FITS,
+    Iterate,
+    fit_iterates,
+    loftq_decompose,
+    loftq_iterates,
+    qlora_iterate,
+    qpissa_decompose,
+    qpissa_iterates,
+)
 from .formats import FORMATS, INSTALL_HINT, QuantizationError, QuantSpec, digest, fake_quantize, require_bnb
 from .loading import (
     CONFIG_KEY,
@@ -33,6 +42,7 @@ __all__ = [
     "fit_iterates",
     "frobenius",
     "load_kwargs",
+    "loftq_decompose",
     "loftq_iterates",
     "nuclear",
     "qlora_iterate",

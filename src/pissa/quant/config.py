@@ -1,5 +1,6 @@
-"""The bridge from `PissaConfig` (quantize, quant_iters, double_quant, quant_storage, compute_dtype)
-to the QPiSSA fit, used by `adapters.decompose_weight` for both the in-memory and streaming paths."""
+"""The bridge from `PissaConfig` (quantize, quant_fit, quant_iters, double_quant, quant_storage,
+compute_dtype) to the QPiSSA or LoftQ fit, used by `adapters.decompose_weight` for both the in-memory
+and streaming paths."""
 
 from __future__ import annotations
 
@@ -7,16 +8,36 @@ import torch
 
 from ..decompose import layer_seed
 from ..models import parse_dtype
-from .fit import check_iters, qpissa_decompose
+from .fit import check_iters, loftq_decompose, qpissa_decompose
 from .formats import FORMATS, QuantizationError, QuantSpec, require_bnb
 from .loading import quant_record
 
 # A fitted Q is only useful if a loader reproduces it; transformers loads bnb 4-bit on the fly.
 INIT_TYPES = tuple(name for name, fmt in FORMATS.items() if fmt.bits == 4)
+# How `pissa init --quantize` fits the adapter: qpissa (SVD first, paper Algorithm 1) or loftq (quantize
+# first, Li et al. 2023). QLoRA is a LoRA --method with --quantize (B = 0, nothing to fit).
+INIT_FITS = ("qpissa", "loftq")
+DEFAULT_FIT = "qpissa"
+
+
+def check_quant_fit(config) -> None:
+    """--quant-fit must name a fit, and loftq needs --quantize and the SVD method."""
+    if config.quant_fit not in INIT_FITS:
+        raise QuantizationError(f"unknown --quant-fit {config.quant_fit!r}; choose one of: {', '.join(INIT_FITS)}")
+    if config.quant_fit == DEFAULT_FIT:
+        return
+    if config.quantize is None:
+        raise QuantizationError(f"--quant-fit {config.quant_fit} fits the adapter against a quantized base; add "
+                                f"--quantize {INIT_TYPES[0]} (or {', '.join(INIT_TYPES[1:])})")
+    if config.method != "pissa":
+        raise QuantizationError(f"--quant-fit {config.quant_fit} takes the adapter from the SVD of the "
+                                f"quantization error (method pissa); drop --method {config.method}, or use "
+                                f"--quant-fit {DEFAULT_FIT}")
 
 
 def check_quant_config(config) -> None:
     """Refuse bad quantization settings of a PissaConfig up front (PissaConfig.__post_init__)."""
+    check_quant_fit(config)
     if config.quantize not in INIT_TYPES:
         extra = " (int8 is measured by `pissa quant-report`, but no int8 loader reproduces a fitted Q)" \
             if config.quantize == "int8" else ""
@@ -41,19 +62,13 @@ def spec_for(config, dtype: torch.dtype) -> QuantSpec:
 
 
 def quantized_decompose(W: torch.Tensor, name: str, config, rank: int, scale: float):
-    """`decompose_weight` with quantization: QPiSSA (or QLoRA for a LoRA method) of one layer."""
-    return qpissa_decompose(
-        W,
-        rank,
-        spec_for(config, W.dtype),
-        config.quant_iters,
-        method=config.method,
-        options=config.options,
-        scale=scale,
-        seed=layer_seed(config.seed, name),
-        adapter_dtype=parse_dtype(config.adapter_dtype),
-        name=f"{name}.weight",
-    )
+    """`decompose_weight` with quantization: QPiSSA (QLoRA for a LoRA method) or LoftQ of one layer."""
+    common = dict(options=config.options, scale=scale, seed=layer_seed(config.seed, name),
+                  adapter_dtype=parse_dtype(config.adapter_dtype), name=f"{name}.weight")
+    spec = spec_for(config, W.dtype)
+    if config.quant_fit == "loftq":
+        return loftq_decompose(W, rank, spec, config.quant_iters, **common)
+    return qpissa_decompose(W, rank, spec, config.quant_iters, method=config.method, **common)
 
 
 def record_for(config, layers: dict[str, dict]) -> dict | None:
@@ -67,7 +82,7 @@ def record_for(config, layers: dict[str, dict]) -> dict | None:
             "dtype. Load the model with one --dtype"
         )
     spec = spec_for(config, parse_dtype(dtypes.pop()))
-    return quant_record(spec, config.quant_iters, config.compute_dtype)
+    return quant_record(spec, config.quant_iters, config.compute_dtype, config.quant_fit)
 
 
 def record_into_(hf_config, config, layers: dict[str, dict]) -> dict | None:

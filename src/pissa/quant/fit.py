@@ -13,6 +13,10 @@ Q); QPiSSA ends on a quantization step (Q is nf4 of the final residual, which is
 stored and quantized by the loader). T = t in these loops is the same as stopping a longer run
 after step t, so one run of T = 5 gives the results for every T <= 5.
 
+`pissa init` stores an unquantized residual R that the loader quantizes, chosen so that nf4(R as
+stored) is the fitted Q: QPiSSA stores R = W - B @ A (so R + B @ A = W), LoftQ stores
+R = W - L_{T-1} (Q_T = nf4(R), and the adapter is the top-r of W - Q_T; R + B @ A != W).
+
 Here L = B @ A is unscaled, B (out, r), A (r, in), all fp32.
 """
 
@@ -98,6 +102,13 @@ def fit_iterates(fit: str, W32: torch.Tensor, rank: int, spec: QuantSpec, iters:
         raise QuantizationError(f"unknown fit {fit!r}; choose one of: {', '.join(FITS)}")
 
 
+def check_fit_input(W: torch.Tensor, rank: int, spec: QuantSpec, iters: int, name: str) -> None:
+    check_weight(W, rank, name)
+    check_iters(iters)
+    if spec.dtype != str(W.dtype).removeprefix("torch."):
+        raise QuantizationError(f"{name}: quantization dtype {spec.dtype} differs from the weight's {W.dtype}")
+
+
 @torch.no_grad()
 def qpissa_decompose(
     W: torch.Tensor,
@@ -119,10 +130,7 @@ def qpissa_decompose(
     a 4-bit loader makes of the stored residual (its sha256 goes into info for later checks).
     A LoRA-style method (B = 0) gives QLoRA: residual = W.
     """
-    check_weight(W, rank, name)
-    check_iters(iters)
-    if spec.dtype != str(W.dtype).removeprefix("torch."):
-        raise QuantizationError(f"{name}: quantization dtype {spec.dtype} differs from the weight's {W.dtype}")
+    check_fit_input(W, rank, spec, iters, name)
     W32 = W.detach().to(torch.float32)  # (out, in)
     target, history = W32, []
     # Steps 1 .. T-1 as in the report; a LoRA method (B = 0) has nothing to refit.
@@ -134,19 +142,61 @@ def qpissa_decompose(
                   adapter_dtype=adapter_dtype, name=name)
     update = scale * (f.B.to(torch.float32) @ f.A.to(torch.float32))  # (out, in), the adapter as stored
     residual = (W32 - update).to(W.dtype)  # (out, in), written unquantized; the loader quantizes it
-    Q = fake_quantize(residual, spec)  # (out, in)
+    return fitted_factors(W32, f, residual, fake_quantize(residual, spec), update, spec, iters, history, "qpissa")
+
+
+@torch.no_grad()
+def loftq_decompose(
+    W: torch.Tensor,
+    rank: int,
+    spec: QuantSpec,
+    iters: int,
+    *,
+    options: dict | None = None,
+    scale: float = 1.0,
+    seed: int = 0,
+    adapter_dtype: torch.dtype = torch.float32,
+    name: str = "weight",
+) -> Factors:
+    """LoftQ for `pissa init`: the residual to store is R = W - L_{T-1} (in W's dtype; R = W for T = 1).
+
+    The loop's Q_T is nf4(W - L_{T-1}) computed from W - L_{T-1} cast to W's dtype, so
+    fake_quantize(R as stored) is Q_T bit for bit: exactly what a 4-bit loader makes of R. The adapter
+    is the top-r of W - Q_T (LoftQ's last SVD step), scaled by 1/sqrt(scale) and cast as stored.
+    Unlike QPiSSA, R + scale * B @ A is not W before quantization: LoftQ fits Q + B @ A ~ W, and
+    what it leaves, W - Q - scale * B @ A, is reported as the quantization error.
+    """
+    check_fit_input(W, rank, spec, iters, name)
+    W32 = W.detach().to(torch.float32)  # (out, in)
+    prior, history = None, []  # L_{T-1} = B @ A of step T-1 (L_0 = 0)
+    for it in loftq_iterates(W32, rank, spec, iters - 1, options, seed) if iters > 1 else ():
+        history.append(frobenius(it.error(W32)))
+        prior = it.B @ it.A  # (out, in)
+    residual = (W32 if prior is None else W32 - prior).to(W.dtype)  # (out, in), the loader quantizes it
+    Q = fake_quantize(residual, spec)  # (out, in) Q_T
+    f = decompose(W32 - Q, "pissa", rank, scale=scale, options=options, seed=seed + len(history),
+                  adapter_dtype=adapter_dtype, name=name)
+    update = scale * (f.B.to(torch.float32) @ f.A.to(torch.float32))  # (out, in), the adapter as stored
+    return fitted_factors(W32, f, residual, Q, update, spec, iters, history, "loftq")
+
+
+def fitted_factors(W32: torch.Tensor, f: Factors, residual: torch.Tensor, Q: torch.Tensor, update: torch.Tensor,
+                   spec: QuantSpec, iters: int, history: list[float], fit: str) -> Factors:
+    """The init's factors: f's adapter with `residual` to store. Q = fake_quantize(residual) is what the
+    loader will compute with; info measures the error W - Q - update against QLoRA's W - nf4(W)."""
     error = W32 - Q - update  # (out, in)
-    history.append(frobenius(error))
-    recon = (residual.to(torch.float32) + update - W32).abs()  # (out, in), the unquantized identity
-    qlora_fro = frobenius(W32 - fake_quantize(W, spec))
+    history = [*history, frobenius(error)]
+    recon = (residual.to(torch.float32) + update - W32).abs()  # (out, in), the unquantized identity (QPiSSA)
+    qlora_fro = frobenius(W32 - fake_quantize(W32, spec))  # the cast to spec.dtype gives back W exactly
     info = {
         **f.info,
-        "shape": list(W.shape),
+        "shape": list(W32.shape),
         "recon_max_abs_err": recon.max().item(),
         "recon_rel_fro_err": (recon.norm() / W32.norm().clamp_min(1e-30)).item(),
         "residual_fro": residual.to(torch.float32).norm().item(),
         "quant": {
             **spec.to_dict(),
+            "fit": fit,
             "iters": iters,
             "error_fro": history[-1],
             "error_rel_fro": history[-1] / max(W32.norm().item(), 1e-30),

@@ -31,11 +31,13 @@ CONFIG_KEY = "pissa_quantization"
 SPEC_KEYS = ("quant_type", "double_quant", "blocksize", "dtype", "quant_storage")
 
 
-def quant_record(spec: QuantSpec, iters: int, compute_dtype: str | None) -> dict:
-    """What a loader needs to reproduce the fitted Q, as saved in config.json and pissa.json."""
+def quant_record(spec: QuantSpec, iters: int, compute_dtype: str | None, fit: str = "qpissa") -> dict:
+    """What a loader needs to reproduce the fitted Q, as saved in config.json and pissa.json, and which
+    fit (qpissa or loftq) made it: train and convert read it back (a record without one is qpissa)."""
     compute = compute_dtype or spec.dtype
     return {
         **spec.to_dict(),
+        "fit": fit,
         "iters": iters,
         "compute_dtype": compute,
         "bnb_config": {  # BitsAndBytesConfig(**bnb_config), plus dtype=<dtype> in from_pretrained

@@ -224,8 +224,9 @@ def quant_rows(manifest: dict) -> list[tuple[str, str]]:
     reductions = [info["quant"]["reduction_fro_pct"] for info in manifest["layers"].values()]
     dq = "on" if record["double_quant"] else "off"
     return [
-        ("quantization", f"{record['quant_type']} from {record['dtype']}, T={record['iters']}, double quant {dq}, "
-                         f"blocksize {record['blocksize']}, compute {record['compute_dtype']}"),
+        ("quantization", f"{record.get('fit', 'qpissa')} fit, {record['quant_type']} from {record['dtype']}, "
+                         f"T={record['iters']}, double quant {dq}, blocksize {record['blocksize']}, "
+                         f"compute {record['compute_dtype']}"),
         ("quant error vs QLoRA", f"{sum(reductions) / len(reductions):.1f}% lower (Frobenius, mean over layers; "
                                  f"min {min(reductions):.1f}%, max {max(reductions):.1f}%)"),
         ("load in 4-bit with", "from_pretrained(OUT/residual, **pissa.quant.load_kwargs(OUT/residual))"),
