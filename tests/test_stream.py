@@ -370,7 +370,7 @@ def test_cli_streams_by_default_and_in_memory_on_request(sharded_dir, tmp_path):
     assert "in memory" in memory.output
     assert_same_output(tmp_path / "s", tmp_path / "m")
     refused = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--in-memory", "--workers", "2"])
-    assert refused.exit_code == 2 and "--workers and --device apply to streaming" in refused.output
+    assert refused.exit_code == 2 and "--workers, --device and --batch-same-shape apply to streaming" in refused.output
     assert not (tmp_path / "x").exists()
 
 

@@ -59,12 +59,13 @@ def run_init(
     workers: int = 1,
     device: str = "cpu",
     resume: bool = True,
+    batch: bool | None = None,
 ) -> InitResult:
     """Initialise `model` with `config` and write OUT/{residual,adapter,pissa.json}.
 
     `progress(done, total, layer_name)` lets a caller drive a progress bar.
     A local safetensors folder (embedded names resolve to one) is streamed shard by shard in bounded
-    memory (pissa.checkpoint.stream; `workers`, `device`, `resume` apply there); `stream=False`
+    memory (pissa.checkpoint.stream; `workers`, `device`, `resume`, `batch` apply there); `stream=False`
     forces the in-memory path, which also serves hub ids and pickled checkpoints.
     """
     resolved = resolve_model(model)  # once: an embedded name is converted to a folder on first use
@@ -76,9 +77,10 @@ def run_init(
         if dtype != "auto":
             raise PissaError(f"--dtype {dtype} casts the whole model, which streaming does not do; pass --in-memory")
         return stream_init(model, resolved, config, out, overwrite, trust_remote_code, progress,
-                           workers=workers, device=device, resume=resume)
-    if workers != 1 or device != "cpu":
-        raise PissaError("--workers and --device apply to streaming init only; drop them with --in-memory")
+                           workers=workers, device=device, resume=resume, batch=batch)
+    if workers != 1 or device != "cpu" or batch:
+        raise PissaError("--workers, --device and --batch-same-shape apply to streaming init only; drop them with "
+                         "--in-memory")
     start = time.perf_counter()
     out = check_output_dir(out, overwrite)  # fail before the (slow) load, not after
     base, tokenizer, path = load_model(resolved, dtype, trust_remote_code)

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from ..adapters import PissaConfig, decompose_weight
+from ..decompose import decompose_batch, get_method, layer_seed
 from ..errors import PissaError
+from ..models import parse_dtype
 from .plan import Target
 from .reader import CheckpointError, ShardHeader, TensorEntry, read_tensor
 from .writer import ShardWriter, layout, os_error, write_tensors
@@ -36,6 +38,7 @@ class ShardJob:
     work: Path  # the work folder that becomes OUT
     device: str
     threads: int  # torch threads; LAPACK results depend on it, so every worker uses the same count
+    batch_bytes: int = 0  # fp32 bytes of same-shape weights decomposed in one batched call; 0: one at a time
 
 
 def done_record(work: Path, shard: str) -> Path:
@@ -49,14 +52,58 @@ def adapter_part(work: Path, shard: str) -> Path:
 @torch.no_grad()
 def decompose_target(stored: torch.Tensor, target: Target, config: PissaConfig, device: str):
     """(residual in the stored layout, {adapter key: tensor}, info) for one checkpoint weight."""
+    return decompose_targets([stored], [target], config, device)[0]
+
+
+@torch.no_grad()
+def decompose_targets(stored: list[torch.Tensor], targets: list[Target], config: PissaConfig, device: str):
+    """`decompose_target` for each weight of a batch (same matrix shape, dtype, rank and scale), in
+    one batched call where the method has a batched form; a batch of one is the per-tensor path."""
     start = time.perf_counter()
-    W = target.matrix(stored.to(device))  # (out, in)
-    f = decompose_weight(W, target.module, config, target.rank, target.scale)
-    residual = target.stored(f.residual, stored.shape).cpu()
-    factors = target.adapter_tensors(f.A.cpu(), f.B.cpu(), stored.shape)  # A (r, in), B (out, r)
-    if target.save_base:
-        factors[f"{target.module}.base_layer.weight"] = residual
-    return residual, factors, {**f.info, "seconds": time.perf_counter() - start}
+    Ws = [t.matrix(s.to(device)) for s, t in zip(stored, targets, strict=True)]  # (out, in) each
+    factors = decompose_weights(Ws, [t.module for t in targets], config, targets[0].rank, targets[0].scale)
+    seconds = (time.perf_counter() - start) / len(Ws)  # a batch's time, shared out
+    results = []
+    for s, t, f in zip(stored, targets, factors, strict=True):
+        residual = t.stored(f.residual, s.shape).cpu()
+        parts = t.adapter_tensors(f.A.cpu(), f.B.cpu(), s.shape)  # A (r, in), B (out, r)
+        if t.save_base:
+            parts[f"{t.module}.base_layer.weight"] = residual
+        results.append((residual, parts, {**f.info, "seconds": seconds}))
+    return results
+
+
+def decompose_weights(Ws: list[torch.Tensor], names: list[str], config: PissaConfig, rank: int, scale: float):
+    """`adapters.decompose_weight` for several same-shape weights: one batched call for a method with a
+    batched form (each layer keeps its own seed), else exactly the per-tensor path, one by one."""
+    if len(Ws) == 1 or config.quantize is not None or get_method(config.method).batch is None:
+        return [decompose_weight(W, name, config, rank, scale) for W, name in zip(Ws, names, strict=True)]
+    return decompose_batch(Ws, config.method, rank, scale=scale, options=config.options,
+                           seeds=[layer_seed(config.seed, n) for n in names],
+                           adapter_dtype=parse_dtype(config.adapter_dtype), names=[f"{n}.weight" for n in names])
+
+
+def plan_batches(entries: tuple[TensorEntry, ...], targets: dict[str, Target],
+                 batch_bytes: int) -> dict[str, list[str]]:
+    """Tensor name -> the names of the batch it is decomposed in (itself first when it starts one).
+
+    Targets join a batch in file order while their matrices share shape, dtype, rank and scale and
+    the batch's fp32 copies stay within `batch_bytes`; 0 puts every target alone.
+    """
+    batches: dict[str, list[str]] = {}
+    open_batch: dict[tuple, list[str]] = {}
+    for e in entries:
+        t = targets.get(e.name)
+        if t is None:
+            continue
+        shape = tuple(t.matrix(torch.empty(e.shape, device="meta")).shape)  # (out, in)
+        key = (shape, e.dtype, t.rank, t.scale)
+        batch = open_batch.get(key)
+        if batch is None or (len(batch) + 1) * shape[0] * shape[1] * 4 > batch_bytes:
+            batch = open_batch[key] = []
+        batch.append(e.name)
+        batches[e.name] = batch
+    return batches
 
 
 def return_big_frees_to_os() -> None:
@@ -80,13 +127,23 @@ def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> d
     out_entries = layout([(t.name, t.dtype, t.shape) for t in job.entries])
     factors, layers = {}, {}
     src = job.source / job.shard
+    batches = plan_batches(job.entries, job.targets, job.batch_bytes)
+    by_name = {e.name: e for e in job.entries}
+    ahead: dict[str, tuple] = {}  # results of batch members decomposed before their turn to be written
     try:
         with open(src, "rb") as f, ShardWriter(residual_path, out_entries, job.header.metadata) as w:
             for entry in job.entries:
-                tensor = read_tensor(f, job.header, entry)
                 target = job.targets.get(entry.name)
-                if target is not None:
-                    tensor, parts, layers[target.module] = decompose_target(tensor, target, job.config, job.device)
+                if target is None:
+                    tensor = read_tensor(f, job.header, entry)
+                else:
+                    if entry.name not in ahead:  # the first of its batch: read and decompose them all
+                        names = batches[entry.name]
+                        stored = [read_tensor(f, job.header, by_name[n]) for n in names]
+                        results = decompose_targets(stored, [job.targets[n] for n in names], job.config, job.device)
+                        del stored
+                        ahead.update(zip(names, results, strict=True))
+                    tensor, parts, layers[target.module] = ahead.pop(entry.name)
                     factors.update(parts)
                     if progress:
                         progress(target.module)

@@ -38,6 +38,10 @@ from .writer import DiskFullError, os_error, write_index
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab.", "merges.txt", "chat_template",
                       "spiece.model", "sentencepiece")
+# Same-shape weights of a shard are decomposed in batches of up to this many fp32 bytes (the batch then
+# holds ~3x that on the device, its inputs and residuals ~1x more on the host). On by default on GPUs,
+# where one small SVD leaves the device idle; off on the CPU, where it buys little and costs memory.
+BATCH_BYTES = 2 << 30
 
 
 @dataclass
@@ -47,6 +51,7 @@ class StreamStats:
     workers: int
     world_size: int
     device: str
+    batch_bytes: int  # 0: one weight at a time
 
 
 def work_dir_for(out: Path) -> Path:
@@ -54,13 +59,20 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def fingerprint(plan: Plan, config: PissaConfig, device: str, threads: int) -> dict:
+def fingerprint(plan: Plan, config: PissaConfig, device: str, threads: int, batch_bytes: int) -> dict:
     """What must match for finished shards to be reused: inputs, settings, and what affects bits."""
     from ..manifest import versions
 
     shards = {s: [h.path.stat().st_size, h.path.stat().st_mtime_ns] for s, h in plan.reader.headers.items()}
     return {"source": str(plan.reader.folder.resolve()), "shards": shards, "config": config.to_dict(),
-            "device": device, "threads": threads, "versions": versions()}
+            "device": device, "threads": threads, "batch_bytes": batch_bytes, "versions": versions()}
+
+
+def batch_size_bytes(batch: bool | None, device: str) -> int:
+    """`batch`: True batches same-shape weights, False never, None on GPUs only (see BATCH_BYTES)."""
+    if batch is None:
+        batch = not device.startswith("cpu")
+    return BATCH_BYTES if batch else 0
 
 
 def prepare_work(work: Path, state: dict, resume: bool) -> int:
@@ -79,7 +91,8 @@ def prepare_work(work: Path, state: dict, resume: bool) -> int:
     return sum(1 for s in state["shards"] if read_record(work, s) is not None)
 
 
-def shard_jobs(plan: Plan, config: PissaConfig, work: Path, device: str, threads: int) -> list[ShardJob]:
+def shard_jobs(plan: Plan, config: PissaConfig, work: Path, device: str, threads: int,
+               batch_bytes: int = 0) -> list[ShardJob]:
     reader = plan.reader
     return [
         ShardJob(
@@ -92,6 +105,7 @@ def shard_jobs(plan: Plan, config: PissaConfig, work: Path, device: str, threads
             work=work,
             device=device,
             threads=threads,
+            batch_bytes=batch_bytes,
         )
         for s in reader.shards
     ]
@@ -118,12 +132,15 @@ def stream_init(
     workers: int = 1,
     device: str = "cpu",
     resume: bool = True,
+    batch: bool | None = None,
 ):
     """Stream-initialise the safetensors checkpoint folder `path` into OUT; returns an InitResult.
 
     `model` is what the user typed (recorded in the manifest). `workers` processes split the shards;
     under torch.distributed each rank takes its share too. A run that crashed, was killed or filled
     the disk keeps `.OUT.partial`, and the same call resumes it; `resume=False` starts over.
+    `batch` decomposes same-shape weights of a shard in batched calls (None: on GPUs only); a batched
+    weight equals its one-at-a-time result up to the summation order of batched kernels.
     """
     from ..initialize import InitResult
 
@@ -136,12 +153,13 @@ def stream_init(
     plan = make_plan(path, config, trust_remote_code)  # every check happens before anything is written
     threads = torch.get_num_threads()
     work = work_dir_for(out)
-    state = fingerprint(plan, config, device.split(":")[0], threads)
+    batch_bytes = batch_size_bytes(batch, device)
+    state = fingerprint(plan, config, device.split(":")[0], threads, batch_bytes)
     resumed = prepare_work(work, state, resume) if ranks.is_main else 0
     ranks.barrier()
     # Split all shards (not just the unfinished ones), so every rank sees the same split even while
     # another rank is already recording finished shards.
-    mine = ranks.share(shard_jobs(plan, config, work, device, threads))
+    mine = ranks.share(shard_jobs(plan, config, work, device, threads, batch_bytes))
     jobs = [j for j in mine if read_record(work, j.shard) is None]
     total = sum(len(j.targets) for j in mine)
     try:
@@ -149,7 +167,8 @@ def stream_init(
         ranks.barrier()
         if ranks.is_main:
             manifest = finalize(model, plan, config, work, out)
-            manifest["stream"] = vars(StreamStats(len(plan.reader.shards), resumed, workers, ranks.world, device))
+            manifest["stream"] = vars(StreamStats(len(plan.reader.shards), resumed, workers, ranks.world, device,
+                                                  batch_bytes))
             write_json(work / "pissa.json", manifest)
             shutil.rmtree(work / STATE_DIR)
             replace_dir(work, out)

@@ -51,6 +51,11 @@ def init_command(
     resume: bool = typer.Option(
         True, "--resume/--restart", help="Streaming: continue an interrupted run into the same --out, or start over."
     ),
+    batch_same_shape: bool = typer.Option(
+        None, "--batch-same-shape/--no-batch-same-shape",
+        help="Streaming: decompose a shard's same-shape weights in batched calls (default: on with --device cuda, "
+             "off on the CPU, where it costs memory).",
+    ),
 ):
     """Initialise PiSSA adapters: W = W_res + B @ A, written as a residual model plus a PEFT adapter.
 
@@ -100,7 +105,8 @@ def init_command(
         )
         with layer_progress("decomposing") as progress:
             result = run_init(model, config, out, overwrite, dtype, trust_remote_code, progress=progress,
-                              stream=False if in_memory else None, workers=workers, device=device, resume=resume)
+                              stream=False if in_memory else None, workers=workers, device=device, resume=resume,
+                              batch=batch_same_shape)
     summary = result.manifest["summary"]
     sizes = result.sizes()
     console.print(summary_table(f"pissa init: {model} -> {out}", [
