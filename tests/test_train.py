@@ -120,16 +120,39 @@ def test_trained_pissa_adapter_reloads_on_its_residual(tmp_path, tiny_dir, data_
         torch.testing.assert_close(auto(ids).logits, trained(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["qpissa", "qlora"])
+@pytest.mark.parametrize("method", ["qpissa", "qlora", "loftq"])
 def test_quantized_methods_train(tmp_path, tiny_dir, data_file, method):
     """The base is the residual in bitsandbytes NF4 (checked against the fitted Q at load); only adapters train."""
     pytest.importorskip("bitsandbytes")
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, method=method, lr=3e-2, limit=4, quant_iters=2)).run()
+    recipe = SFTRecipe(config(tmp_path, tiny_dir, data_file, method=method, lr=3e-2, limit=4, quant_iters=2))
+    recipe.run()
     log = read_log(tmp_path / "run")
     assert len(log) == 10 and log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]
     assert (tmp_path / "run" / "init" / "pissa.json").exists()  # the 4-bit init written before training
     manifest = json.loads((tmp_path / "run" / "init" / "pissa.json").read_text())
     assert manifest["quantization"]["quant_type"] == "nf4"
+    assert manifest["quantization"]["fit"] == ("loftq" if method == "loftq" else "qpissa")
+    assert {type(m).__name__ for n, m in recipe.model.named_modules() if n.endswith("q_proj.base_layer")} == \
+        {"Linear4bit"}
+
+
+def test_loftq_init_dir_equals_on_the_fly(tmp_path, tiny_dir, data_file):
+    """`pissa init --quantize nf4 --quant-fit loftq` then --init DIR trains as --method loftq, with the same
+    losses as --method loftq from --model; another --method is refused for it."""
+    pytest.importorskip("bitsandbytes")
+    from pissa.adapters import PissaConfig
+    from pissa.initialize import run_init
+
+    run_init(str(tiny_dir), PissaConfig(rank=4, quantize="nf4", quant_fit="loftq", quant_iters=2), tmp_path / "init")
+    from_init = SFTRecipe(config(tmp_path, tiny_dir, data_file, "from_init", model=None, init=str(tmp_path / "init"),
+                                 max_steps=4, quant_iters=2))
+    from_init.run()
+    assert from_init.method == "loftq"
+    SFTRecipe(config(tmp_path, tiny_dir, data_file, "fly", method="loftq", max_steps=4, quant_iters=2)).run()
+    torch.testing.assert_close(losses(tmp_path / "from_init"), losses(tmp_path / "fly"), rtol=1e-5, atol=1e-6)
+    with pytest.raises(PissaError, match="it trains as --method loftq"):
+        SFTRecipe(config(tmp_path, tiny_dir, data_file, "other", model=None, init=str(tmp_path / "init"),
+                         method="qpissa")).setup()
 
 
 def test_convert_at_end_gives_same_logits_on_original_base(tmp_path, tiny_dir, data_file):
@@ -151,11 +174,6 @@ def test_convert_at_end_gives_same_logits_on_original_base(tmp_path, tiny_dir, d
 def test_convert_at_end_refused_for_lora(tmp_path, tiny_dir, data_file):
     with pytest.raises(PissaError, match="needs no conversion"):
         SFTRecipe(config(tmp_path, tiny_dir, data_file, method="lora", convert_at_end=True)).setup()
-
-
-def test_loftq_refused_clearly(tmp_path, tiny_dir, data_file):
-    with pytest.raises(PissaError, match="loftq is not available"):
-        SFTRecipe(config(tmp_path, tiny_dir, data_file, method="loftq")).setup()
 
 
 @pytest.mark.parametrize("method, dora", [("lora", False), ("pissa", False), ("pissa", True), ("lora", True)])
@@ -247,11 +265,16 @@ def test_bf16_base_with_fp32_adapters_tracks_fp32(tmp_path, tiny_dir, data_file)
 
 
 DDP_SCRIPT = """
-import sys
+import json, sys
+from pathlib import Path
+from accelerate import PartialState
 from pissa.train import SFTRecipe, TrainConfig
 out, model, data, batch = sys.argv[1:5]
 SFTRecipe(TrainConfig(out=out, model=model, data=data, rank=4, lr=1e-2, max_steps=4, batch_size=int(batch),
                       warmup_ratio=0.0, max_length=128, tensorboard=False, method="pissa")).run()
+state = PartialState()  # the process group the run used
+if state.is_main_process:
+    Path(out, "launch.json").write_text(json.dumps({"processes": state.num_processes, "backend": state.backend}))
 """
 
 
@@ -263,15 +286,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one(tmp_path, tiny_dir, data_file):
-    """2 CPU processes (gloo) at batch 2 each == 1 process at batch 4: same global batches, same losses."""
+def launcher(name: str) -> list[str]:
+    """The command prefix that starts 2 local processes. accelerate's `--cpu --num_processes 2` starts one
+    process (more only through mpirun, with --mpirun_hostfile); `--multi_gpu` starts them through
+    torch.distributed.run, and with no GPU each process's Trainer (use_cpu) joins a gloo process group."""
+    port = str(free_port())
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
+def test_ddp_two_processes_match_one(tmp_path, tiny_dir, data_file, launch):
+    """2 CPU processes (gloo) at batch 2 each == 1 process at batch 4: same global batches, same losses,
+    whether launched by torchrun or `accelerate launch`."""
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(script), str(tmp_path / "ddp"), str(tiny_dir), str(data_file), "2"]
+    # HF_HOME: no accelerate config file of the user's (default_config.yaml) changes the launch.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HOME": str(tmp_path / "hf")}
+    cmd = [*launcher(launch), str(script), str(tmp_path / "ddp"), str(tiny_dir), str(data_file), "2"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "launch.json").read_text()) == {"processes": 2, "backend": "gloo"}
     SFTRecipe(config(tmp_path, tiny_dir, data_file, "single", method="pissa", max_steps=4)).run()
     assert len(losses(tmp_path / "ddp")) == 4
     torch.testing.assert_close(losses(tmp_path / "ddp"), losses(tmp_path / "single"), rtol=1e-4, atol=1e-5)

@@ -18,7 +18,7 @@ A run folder holds:
     adapter/             the trained PEFT adapter (model/ for --method full)
     residual/, init/     with --model --method pissa: the frozen residual base the adapter needs, and
                          a `pissa init`-style folder with the initial A, B (what `pissa convert` reads);
-                         qlora/qpissa with --model write the whole init (residual inside) to init/ first
+                         qlora/qpissa/loftq with --model write the whole init (residual inside) to init/ first
     lora/                with --convert-at-end: the trained adapter as a rank-2r LoRA on the original base
     loss.png, summary.json
 """
@@ -53,10 +53,12 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
 # train method -> the init method of its adapter (pissa.decompose registry name)
 ADAPTER_METHODS = {"lora": "lora-kaiming", "lora-gaussian": "lora-gaussian", "pissa": "pissa",
-                   "qlora": "lora-kaiming", "qpissa": "pissa"}
-QUANT_METHODS = ("qlora", "qpissa")  # the base is the residual quantized to 4 bits (pissa.quant)
-UNWIRED_METHODS = ("loftq",)  # pissa.quant fits LoftQ, but `pissa init` cannot write it as an init yet
-METHODS = ("full", *ADAPTER_METHODS, *UNWIRED_METHODS)
+                   "qlora": "lora-kaiming", "qpissa": "pissa", "loftq": "pissa"}
+# The base is the residual quantized to 4 bits (pissa.quant); method -> PissaConfig.quant_fit, how the
+# adapter is fitted to it (qlora: a LoRA init, B = 0, has nothing to fit).
+QUANT_METHODS = {"qlora": "qpissa", "qpissa": "qpissa", "loftq": "loftq"}
+CONVERTIBLE_METHODS = ("pissa", "qpissa", "loftq")  # --convert-at-end: an adapter that changed the base
+METHODS = ("full", *ADAPTER_METHODS)
 # Fields that may change between a run and its --resume without changing the run itself.
 RESUME_FREE = {"resume", "overwrite", "convert_at_end", "tensorboard"}
 
@@ -90,9 +92,10 @@ class TrainConfig:
         "help": "Module names to adapt; default every linear layer except the output head."})
     niter: int | None = field(default=None, metadata={
         "help": "pissa: randomized-SVD power iterations (fast init); omit for the exact SVD."})
-    quant_type: str = field(default="nf4", metadata={"help": "qlora/qpissa: 4-bit type of the base, nf4 or fp4."})
+    quant_type: str = field(default="nf4", metadata={
+        "help": "qlora/qpissa/loftq: 4-bit type of the base, nf4 or fp4."})
     quant_iters: int = field(default=5, metadata={
-        "help": "qpissa: alternating SVD/quantization steps T (report's Algorithm 1; 1 = plain QPiSSA)."})
+        "help": "qpissa/loftq: alternating SVD/quantization steps T (report's Algorithm 1; 1 = one step)."})
     lr: float = field(default=2e-5, metadata={"help": "Peak learning rate (paper: 2e-5)."})
     scheduler: str = field(default="cosine", metadata={"help": "LR schedule (any transformers name)."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps of linear warmup."})
@@ -112,7 +115,8 @@ class TrainConfig:
         "help": "--model with pissa: also write residual/ (the base the adapter needs)."})
     tensorboard: bool = field(default=True, metadata={"help": "Also write TensorBoard logs."})
     convert_at_end: bool = field(default=False, metadata={
-        "help": "pissa/qpissa: also write the trained adapter as a rank-2r LoRA on the original base (RUN/lora)."})
+        "help": "pissa/qpissa/loftq: also write the trained adapter as a rank-2r LoRA on the original base "
+                "(RUN/lora)."})
     resume: bool = field(default=False, metadata={"help": "Continue the run in --out from its last checkpoint."})
     overwrite: bool = field(default=False, metadata={"help": "Delete an existing --out and start again."})
 
@@ -183,7 +187,7 @@ class SFTRecipe:
 
         self._check_out()
         self.method = self._resolve_method()
-        if self.config.convert_at_end and self.method not in ("pissa", "qpissa"):
+        if self.config.convert_at_end and self.method not in CONVERTIBLE_METHODS:
             raise PissaError(f"--convert-at-end rewrites a PiSSA adapter as a LoRA on the original model; a "
                              f"{self.method} run needs no conversion, drop --convert-at-end")
         if self.config.train_singular_values and self.method != "pissa":
@@ -239,9 +243,6 @@ class SFTRecipe:
         c = self.config
         if c.init is None:
             method = c.method or "pissa"
-            if method in UNWIRED_METHODS:
-                raise PissaError(f"--method {method} is not available in `pissa train` yet (`pissa init` cannot "
-                                 "write a LoftQ init); use qpissa or qlora")
             if method in QUANT_METHODS:
                 check_quant_available(method)
             return method
@@ -251,11 +252,14 @@ class SFTRecipe:
         made_with = manifest["method"]
         names = {"lora-kaiming": "lora", "lora-gaussian": "lora-gaussian", "pissa": "pissa"}
         method = names.get(made_with, made_with)
-        if manifest.get("quantization"):
-            method = {"pissa": "qpissa", "lora": "qlora"}.get(method, method)
+        quantization = manifest.get("quantization")
+        if quantization:  # a record without "fit" predates LoftQ inits: qpissa
+            fitted = "loftq" if quantization.get("fit") == "loftq" else "qpissa"
+            method = {"pissa": fitted, "lora": "qlora"}.get(method, method)
         if c.method not in (None, method):
-            raise PissaError(f"--init {c.init} was made with method {made_with!r}; --method {c.method} does not "
-                             "apply to it (drop --method, or re-run `pissa init` with the method you want)")
+            raise PissaError(f"--init {c.init} was made with method {made_with!r} (it trains as --method {method}); "
+                             f"--method {c.method} does not apply to it (drop --method, or re-run `pissa init` with "
+                             "the method you want)")
         return method
 
     def _training_args(self):
@@ -355,7 +359,8 @@ class SFTRecipe:
         c = self.config
         base_method = ADAPTER_METHODS.get(self.method, "pissa")
         options = {"niter": c.niter} if c.niter is not None and base_method == "pissa" else {}
-        quant = {"quantize": c.quant_type, "quant_iters": c.quant_iters} if self.method in QUANT_METHODS else {}
+        quant = {"quantize": c.quant_type, "quant_iters": c.quant_iters, "quant_fit": QUANT_METHODS[self.method]} \
+            if self.method in QUANT_METHODS else {}
         return PissaConfig(rank=c.rank, alpha=c.alpha, method=base_method, options=options, targets=c.targets,
                            seed=c.seed, **quant)
 
