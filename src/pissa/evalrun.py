@@ -78,7 +78,7 @@ def run_target(run: Path) -> Target:
         base = str(run / "residual")
     elif config.get("init"):
         base = str(Path(config["init"]) / "residual")
-    elif (config.get("method") or "pissa") in ("pissa", "qpissa"):
+    elif (config.get("method") or "pissa") in ("pissa", "qpissa", "loftq"):  # adapters that need their residual
         raise PissaError(f"run {run} trained a PiSSA adapter but kept no residual/ (--no-save-residual); "
                          f"evaluate its converted LoRA, or pass the residual as RUN_OR_MODEL with --adapter")
     else:
