@@ -205,10 +205,13 @@ def test_pissa_eval_end_to_end(tmp_path, tiny_lm_dir, tiny_lm):
     assert again.exit_code == 2 and "--overwrite" in again.output
 
 
-def test_pissa_eval_of_init_folder_matches_base_model(tmp_path, tiny_lm_dir):
+@pytest.mark.parametrize("targets", [[], ["--targets", "embed_tokens", "--targets", "q_proj"]],
+                         ids=["linear", "embedding"])
+def test_pissa_eval_of_init_folder_matches_base_model(tmp_path, tiny_lm_dir, targets):
     """A `pissa init` folder (residual + PiSSA adapter) evaluates exactly like the model it came from."""
     init = tmp_path / "init"
-    assert runner.invoke(app, ["init", str(tiny_lm_dir), "--rank", "4", "--out", str(init)]).exit_code == 0
+    done = runner.invoke(app, ["init", str(tiny_lm_dir), "--rank", "4", *targets, "--out", str(init)])
+    assert done.exit_code == 0, done.output
     common = ["--data", "arith", "--limit", "3", "--max-new-tokens", "5", "--backend", "transformers"]
     assert runner.invoke(app, ["eval", str(tiny_lm_dir), *common, "--out", str(tmp_path / "a")]).exit_code == 0
     result = runner.invoke(app, ["eval", str(init), *common])

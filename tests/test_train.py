@@ -134,6 +134,13 @@ def test_quantized_methods_train(tmp_path, tiny_dir, data_file, method):
     assert manifest["quantization"]["fit"] == ("loftq" if method == "loftq" else "qpissa")
     assert {type(m).__name__ for n, m in recipe.model.named_modules() if n.endswith("q_proj.base_layer")} == \
         {"Linear4bit"}
+    # `pissa eval RUN` loads the same model: the trained adapter on the 4-bit residual in RUN/init
+    from pissa.evalrun import load_target, resolve_target
+
+    evaluated, _ = load_target(resolve_target(str(tmp_path / "run")))
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        torch.testing.assert_close(evaluated(ids).logits, recipe.trainer.model.eval()(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_loftq_init_dir_equals_on_the_fly(tmp_path, tiny_dir, data_file):

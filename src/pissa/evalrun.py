@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .checkpoint.adapter_io import read_adapter, read_adapter_config
 from .checkpoint.atomic import atomic_output_dir, check_output_dir
 from .errors import PissaError
@@ -76,6 +78,8 @@ def run_target(run: Path) -> Target:
         raise PissaError(f"run {run} has no trained adapter/ yet (did the run finish?); evaluate it once it has")
     if (run / "residual").is_dir():
         base = str(run / "residual")
+    elif (run / "init" / "residual").is_dir():  # qlora/qpissa/loftq with --model: the 4-bit init it wrote first
+        base = str(run / "init" / "residual")
     elif config.get("init"):
         base = str(Path(config["init"]) / "residual")
     elif (config.get("method") or "pissa") in ("pissa", "qpissa", "loftq"):  # adapters that need their residual
@@ -97,10 +101,23 @@ def check_adapter_fits(model, adapter: Path, model_name: str) -> None:
         if module is None or not hasattr(module, "weight"):
             raise PissaError(f"adapter {adapter} adapts layer {name}, which model {model_name} does not have; "
                              f"evaluate it on the base model it was trained on")
-        out_features, in_features = module.weight.shape[:2]
+        out_features, in_features = factor_dims(module)
         if A.shape[1] != in_features or B.shape[0] != out_features:
             raise PissaError(f"adapter {adapter} layer {name} is {B.shape[0]}x{A.shape[1]} but model {model_name} "
                              f"has {out_features}x{in_features}; evaluate it on the base model it was trained on")
+
+
+def factor_dims(module) -> tuple[int, int]:
+    """(out, in) that a layer's factors B (out, r) and A (r, in, ...) must have. Not the weight's shape:
+    a 4-bit Linear packs its weight, Conv1D and Embedding store it transposed."""
+    from .adapters import base_weight
+
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):  # nn.Linear, bnb Linear4bit
+        return module.out_features, module.in_features
+    if isinstance(module, torch.nn.Conv2d):
+        return module.out_channels, module.in_channels  # A is (r, in, kh, kw)
+    out_features, in_features = base_weight(module).shape
+    return out_features, in_features
 
 
 def check_pissa_base(target: Target) -> None:
@@ -122,7 +139,14 @@ def load_target(target: Target, dtype: str = "auto", trust_remote_code: bool = F
     """(model with the adapter applied, tokenizer) ready to evaluate."""
     from .models import load_model
 
-    model, tokenizer, _ = load_model(target.model, dtype, trust_remote_code)
+    init = quantized_init_of(target.model)
+    if init is not None:  # the residual of `pissa init --quantize`: it loads in 4-bit, as it was trained
+        from .train import load_quantized_residual
+
+        model = load_quantized_residual(init, "cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = load_tokenizer(init / "residual")
+    else:
+        model, tokenizer, _ = load_model(target.model, dtype, trust_remote_code)
     if tokenizer is None and target.adapter is not None:
         tokenizer = load_tokenizer(target.adapter)
     if tokenizer is None:
@@ -134,6 +158,16 @@ def load_target(target: Target, dtype: str = "auto", trust_remote_code: bool = F
         check_pissa_base(target)
         model = PeftModel.from_pretrained(model, str(target.adapter))
     return model.eval(), tokenizer
+
+
+def quantized_init_of(model: str) -> Path | None:
+    """The `pissa init --quantize` folder when `model` is its residual, else None."""
+    from .manifest import read_manifest
+
+    path = Path(model)
+    if path.name != "residual" or not (path.parent / "pissa.json").exists():
+        return None
+    return path.parent if read_manifest(path.parent).get("quantization") else None
 
 
 def load_tokenizer(folder: Path):
