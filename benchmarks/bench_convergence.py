@@ -244,9 +244,11 @@ def report(args, lrs, done, curves, runs, baseline, timing, best, pairings, comp
         f"--max-length {args.max_length} --eval-limit {args.eval_limit} --threads {args.threads}"
         + (f" --niter {args.niter}" if args.niter is not None else "") + "`; "
         f"{platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}, wall time "
-        f"{wall_s / 60:.1f} min. **The machine was shared with other jobs** (1-minute load average {load[0]:.1f} "
-        f"at the start, {load[1]:.1f} at the end), so absolute times are noisy; the step-time ratio comes from "
-        "interleaved steps in one process.",
+        f"{wall_s / 60:.1f} min, 1-minute load average {load[0]:.1f} at the start and {load[1]:.1f} at the end "
+        "(this benchmark's own threads included). "
+        + ("**The machine was shared with other jobs**, so absolute times are noisy; " if load[0] > args.threads + 1
+           else "The machine was otherwise idle; ")
+        + "the step-time ratio comes from interleaved steps in one process.",
         "",
         f"Setup: rank {args.rank} on every linear layer (alpha = r), fp32, AdamW, cosine schedule, warmup 0.03, "
         f"no weight decay, batch {args.batch_size}, max length {args.max_length} (longer examples dropped), "
