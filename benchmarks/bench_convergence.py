@@ -299,7 +299,7 @@ def report(args, lrs, done, curves, runs, baseline, timing, best, pairings, comp
               f"Median of {timing['samples']} optimizer steps each on the same batch ({timing['tokens_per_batch']} "
               f"tokens): LoRA {timing['lora_s']:.3f} s, PiSSA {timing['pissa_s']:.3f} s, "
               f"**ratio PiSSA/LoRA {timing['ratio']:.3f}** (target <= 1.02). Same architecture and shapes, so a "
-              "difference is noise from the shared machine. PiSSA's one-off SVD init is in `setup s` above.", "",
+              "difference is timing noise. PiSSA's one-off SVD init is in `setup s` above.", "",
               "## Caveats", "",
               f"- One seed, {args.steps} steps at batch {args.batch_size}: each logged loss is one small batch's, so "
               "single steps are noisy (the 5-step means in the plot are easier to read). Both methods see the same "
