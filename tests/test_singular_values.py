@@ -96,6 +96,12 @@ def test_train_singular_values_end_to_end(tmp_path, tiny_dir, data_file, stock_l
         expected = trained(ids).logits
     # stock transformers + PEFT, pissa not imported: the residual + AdaLoRA adapter is the trained model
     torch.testing.assert_close(stock_logits(run / "residual", run / "adapter", ids), expected, rtol=1e-5, atol=1e-5)
+    # pissa eval RUN: the AdaLoRA adapter on its residual
+    from pissa.evalrun import load_target, resolve_target
+
+    evaluated, _ = load_target(resolve_target(str(run)))
+    with torch.no_grad():
+        torch.testing.assert_close(evaluated(ids).logits, expected, rtol=1e-5, atol=1e-5)
     # --convert-at-end: a plain rank-2r LoRA on the original model
     lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), run / "lora").eval()
     assert lora.peft_config["default"].peft_type == "LORA" and lora.peft_config["default"].r == 2 * RANK
