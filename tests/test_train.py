@@ -227,8 +227,9 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash at step {self.step}")
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_dir, data_file):
-    kw = dict(max_steps=8, save_steps=4, method="pissa")
+@pytest.mark.parametrize("singular_values", [False, True], ids=["pissa", "pissa-singular-values"])
+def test_resume_equals_uninterrupted(tmp_path, tiny_dir, data_file, singular_values):
+    kw = dict(max_steps=8, save_steps=4, method="pissa", train_singular_values=singular_values)
     SFTRecipe(config(tmp_path, tiny_dir, data_file, "full_run", **kw)).run()
     with pytest.raises(KeyboardInterrupt):
         SFTRecipe(config(tmp_path, tiny_dir, data_file, "crashed", **kw), callbacks=[CrashAt(6)]).run()
