@@ -19,7 +19,6 @@ Writes benchmarks/results/quant.md, and CSV/markdown/PNG per model under benchma
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from pissa.quant import QuantSpec, loftq_iterates, nuclear
+from pissa.quant.peer import cuda_moves_on_cpu
 from pissa.quant.report import (
     ReportConfig,
     markdown_table,
@@ -46,27 +46,6 @@ RESULTS = Path(__file__).parent / "results"
 def block_of(name: str) -> int | None:
     found = re.findall(r"\.(\d+)\.", name)
     return int(found[-1]) if found else None
-
-
-@contextlib.contextmanager
-def cuda_moves_on_cpu():
-    """PEFT's loftq_init hard-codes a cuda/xpu compute device; run its moves on the CPU instead."""
-    real_to = torch.Tensor.to
-
-    def is_cuda(a):
-        return (isinstance(a, str) and a.startswith("cuda")) or (isinstance(a, torch.device) and a.type == "cuda")
-
-    def to(self, *args, **kwargs):
-        args = tuple("cpu" if is_cuda(a) else a for a in args)
-        if is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        return real_to(self, *args, **kwargs)
-
-    torch.Tensor.to = to
-    try:
-        yield
-    finally:
-        torch.Tensor.to = real_to
 
 
 def peer_check(weights: dict[str, torch.Tensor], rank: int, iters: int) -> dict:

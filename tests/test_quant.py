@@ -35,6 +35,7 @@ from pissa.quant import (  # noqa: E402
     qpissa_iterates,
     read_record,
 )
+from pissa.quant.peer import cuda_moves_on_cpu  # noqa: E402
 from pissa.quant.report import ReportConfig, layer_type, measure_layer, short_names, summarize  # noqa: E402
 
 runner = CliRunner()
@@ -132,30 +133,13 @@ def test_loftq_step_one_keeps_the_top_of_the_qlora_error():
     assert nuclear(it.error(W)) == pytest.approx(S_err[8:].sum().item(), rel=1e-4)
 
 
-def on_cpu_instead_of_cuda(monkeypatch):
-    """PEFT's loftq_init hard-codes a cuda/xpu compute device; send those moves to the CPU."""
-    real_to = torch.Tensor.to
-
-    def is_cuda(a):
-        return (isinstance(a, str) and a.startswith("cuda")) or (isinstance(a, torch.device) and a.type == "cuda")
-
-    def to(self, *args, **kwargs):
-        args = tuple("cpu" if is_cuda(a) else a for a in args)
-        if is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        return real_to(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "to", to)
-
-
 @pytest.mark.parametrize("iters", [1, 3])
 def test_loftq_agrees_with_peft_loftq_init(monkeypatch, iters):
     from peft.utils.loftq_utils import loftq_init
 
     W = torch.randn(64, 128, generator=torch.Generator().manual_seed(8)) * 0.02  # (out, in)
-    on_cpu_instead_of_cuda(monkeypatch)
-    Q, A, B = loftq_init(W, num_bits=4, reduced_rank=8, num_iter=iters)  # PEFT: A (r, in), B (out, r)
-    monkeypatch.undo()
+    with cuda_moves_on_cpu():
+        Q, A, B = loftq_init(W, num_bits=4, reduced_rank=8, num_iter=iters)  # PEFT: A (r, in), B (out, r)
     ours = list(loftq_iterates(W, 8, QuantSpec(), iters))[-1]
     assert torch.equal(ours.Q, Q)
     torch.testing.assert_close(ours.B @ ours.A, B @ A, rtol=0, atol=1e-7)
@@ -317,9 +301,8 @@ def test_loftq_init_agrees_with_peft_loftq_config(structured_dir, tmp_path, monk
     targets = sorted({n.rsplit(".", 1)[-1] for n in linear_modules(base)})
     config = LoraConfig(r=8, lora_alpha=8, target_modules=targets, init_lora_weights="loftq",
                         loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=3))
-    on_cpu_instead_of_cuda(monkeypatch)
-    peft = get_peft_model(base, config)
-    monkeypatch.undo()
+    with cuda_moves_on_cpu():
+        peft = get_peft_model(base, config)
     peft_modules, our_modules = dict(peft.base_model.model.named_modules()), dict(ours.named_modules())
     names = list(json.loads((out / "pissa.json").read_text())["layers"])
     assert len(names) == 14
