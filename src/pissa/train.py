@@ -422,35 +422,39 @@ class SFTRecipe:
     def _save_weights(self) -> None:
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         name = "model" if self.method == "full" else "adapter"
-        if self.config.model is not None and self.method == "pissa":
+        on_its_residual = self.config.model is not None and self.method == "pissa"
+        if on_its_residual:
             # The adapter belongs on the residual, not on the original model: point loaders (AutoPeftModel*) there.
             model.peft_config[ADAPTER_NAME].base_model_name_or_path = str((self.out / "residual").resolve())
+            if self.config.save_residual:  # first: saving the adapter reads its base's config.json
+                self._save_residual(model)
         with atomic_output_dir(self.out / name, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-        if self.config.model is not None and self.method == "pissa":
-            self._save_init(model)  # (qpissa on the fly already wrote RUN/init before training)
+        if on_its_residual:
+            self._save_init()  # (qpissa on the fly already wrote RUN/init before training)
 
-    def _save_init(self, model) -> None:
-        """RUN/init (a `pissa init`-style folder: initial adapter + pissa.json, what `pissa convert` reads)
-        and RUN/residual (the frozen base the trained adapter needs)."""
+    def _save_residual(self, model) -> None:
+        """RUN/residual: the frozen base the trained adapter needs."""
         from .adapters import residual_state_dict
+
+        with atomic_output_dir(self.out / "residual", overwrite=True) as tmp:
+            model.get_base_model().save_pretrained(tmp, state_dict=residual_state_dict(model))
+            self.tokenizer.save_pretrained(tmp)
+
+    def _save_init(self) -> None:
+        """RUN/init: a `pissa init`-style folder (initial adapter + pissa.json), what `pissa convert` reads."""
         from .checkpoint.adapter_io import read_adapter_config, write_adapter
         from .manifest import build_manifest, write_manifest
 
-        residual = self.out / "residual"
         # The trained adapter's config, unless it was re-expressed as AdaLoRA: then the initial LoRA's.
         config = (json.loads(json.dumps(self.initial_config.to_dict(), default=sorted))
                   if self.config.train_singular_values else read_adapter_config(self.out / "adapter"))
-        adapter_config = {**config, "base_model_name_or_path": str(residual.resolve())}
+        adapter_config = {**config, "base_model_name_or_path": str((self.out / "residual").resolve())}
         with atomic_output_dir(self.out / "init", overwrite=True) as tmp:
             write_adapter(tmp / "adapter", adapter_config, self.initial_adapter)
             write_manifest(tmp, build_manifest(source=self.config.model, config=self.pissa_config().to_dict(),
                                                layers=self.init_report, resolved_path=self.model_path))
-        if self.config.save_residual:
-            with atomic_output_dir(residual, overwrite=True) as tmp:
-                model.get_base_model().save_pretrained(tmp, state_dict=residual_state_dict(model))
-                self.tokenizer.save_pretrained(tmp)
 
     def _convert(self) -> Path:
         """The trained PiSSA adapter as a rank-2r LoRA on the original base (RUN/lora), via pissa.convert."""
