@@ -61,6 +61,8 @@ def train_command(
 
       pissa train --model smollm2-135m --method lora --lr 2e-4 --data my.jsonl --epochs 3 --out runs/lora
 
+      pissa train --model smollm2-135m --method pissa --train-singular-values --max-steps 200 --out runs/pissa-sv
+
       accelerate launch --multi_gpu --num_processes 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp
 
       torchrun --nproc_per_node 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp-cpu   # CPU, gloo
