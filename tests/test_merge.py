@@ -129,6 +129,42 @@ def test_gpt2_conv1d_layers(tmp_path):
         torch.testing.assert_close(logits(load(tmp_path / folder), tokens), expected, atol=1e-5, rtol=0)
 
 
+def test_embedding_layers(tmp_path, tiny_llama_dir, tokens):
+    """An Embedding weight is stored (num, dim) while its factors give (dim, num): merged transposed, into
+    the residual (trained PiSSA) and into the original (converted LoRA), equal to PEFT's merge_and_unload."""
+    init = make_init(tiny_llama_dir, tmp_path / "init", rank=4, targets=["embed_tokens", "q_proj"])
+    trained = train_pissa(init, tmp_path / "trained")
+    convert_to_lora(tmp_path / "trained", init, tmp_path / "lora")
+    assert merge_adapter(tmp_path / "trained", init, tmp_path / "merged-residual").layers == 3
+    merge_adapter(tmp_path / "lora", tiny_llama_dir, tmp_path / "merged")
+    expected = logits(trained, tokens)
+    for folder in ("merged", "merged-residual"):
+        torch.testing.assert_close(logits(load(tmp_path / folder), tokens), expected, atol=1e-5, rtol=0)
+    reference = load_with_adapter(tiny_llama_dir, tmp_path / "lora").merge_and_unload().state_dict()
+    ours = folder_tensors(tmp_path / "merged")
+    key = "model.embed_tokens.weight"
+    torch.testing.assert_close(ours[key], reference[key], atol=1e-6, rtol=0)
+    assert not torch.equal(ours[key], load(tiny_llama_dir).state_dict()[key])  # the update really landed
+
+
+def test_conv2d_update_is_merged_in_the_kernel_layout():
+    """merged() on a Conv2d kernel (out, in, kh, kw) == PEFT's own conv delta added to it."""
+    from peft import LoraConfig, get_peft_model
+
+    from pissa.merge import merged
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(6, 10, (3, 5)))
+    peft_model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    layer = peft_model.base_model.model[0]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (4, 6, 3, 5), (10, 4, 1, 1)
+    W = layer.get_base_layer().weight.detach()
+    with torch.no_grad():
+        expected = W + layer.get_delta_weight("default")
+    torch.testing.assert_close(merged(W, A.detach(), B.detach(), layer.scaling["default"], False), expected,
+                               atol=1e-6, rtol=0)
+
+
 # --- bad pairings: a clear error and nothing written ------------------------------------------------
 
 def test_refuses_trained_pissa_adapter_on_the_original(run, tmp_path):

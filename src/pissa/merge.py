@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.adapter_io import read_adapter_config
 from .checkpoint.atomic import atomic_output_dir, check_output_dir, dir_size
 from .convert import CONVERSION_FILE, layer_scale, read_lora_adapter
 from .errors import PissaError
@@ -135,11 +134,9 @@ def check_pairing(adapter: Path, config: dict, base: Path) -> str:
 
 
 def plan_merge(adapter: Path, base: Path) -> tuple[dict, dict[str, str], str]:
-    """(weight key -> (A, B, scale), weight map, mode), checked against the base before anything is written."""
+    """(weight key -> (A, B, scale, transposed), weight map, mode), checked against the base before
+    anything is written."""
     config, pairs, others, embeddings = read_lora_adapter(adapter, "adapter")
-    if embeddings:
-        raise PissaError(f"{adapter} adapts the embedding {sorted(embeddings)[0]}; merge supports linear and Conv1D "
-                         "layers only (PEFT's merge_and_unload merges embeddings in memory)")
     if others:
         raise PissaError(f"{adapter} holds full weights ({next(iter(others))}, from modules_to_save); merge "
                          "supports LoRA layers only")
@@ -147,25 +144,27 @@ def plan_merge(adapter: Path, base: Path) -> tuple[dict, dict[str, str], str]:
     wmap = weight_map(base)
     keys = {module: weight_key(module, wmap) for module in pairs}
     shapes = tensor_shapes(base, wmap, list(keys.values()))
-    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     plan = {}
     for module, (A, B) in pairs.items():
-        want = (A.shape[1], B.shape[0]) if fan_in_fan_out else (B.shape[0], A.shape[1])
+        # Conv1D and Embedding store their weight (in, out); a Conv2d kernel is (out, in, kh, kw) like its A.
+        transposed = bool(config.get("fan_in_fan_out")) or module in embeddings
+        want = (A.shape[1], B.shape[0]) if transposed else (B.shape[0], *A.shape[1:])
         if shapes[keys[module]] != want:
             raise PissaError(f"adapter layer {module} needs a weight of shape {want} but {keys[module]} in {base} "
                              f"is {shapes[keys[module]]}; the adapter was trained on a different model")
-        plan[keys[module]] = (A, B, layer_scale(config, module))
+        plan[keys[module]] = (A, B, layer_scale(config, module), transposed)
     return plan, wmap, mode
 
 
 # --- writing ------------------------------------------------------------------------------------
 
-def merged(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out: bool) -> torch.Tensor:
-    """W + scale·B@A, added in fp32 and rounded once to W's dtype."""
-    delta = scale * (B.float() @ A.float())  # (out, in)
-    if fan_in_fan_out:
-        delta = delta.T  # Conv1D stores (in, out)
-    return (W.float() + delta).to(W.dtype)
+def merged(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, transposed: bool) -> torch.Tensor:
+    """W + scale·B@A, added in fp32 and rounded once to W's dtype. Conv factors B (out, r, 1, 1) and
+    A (r, in, kh, kw) multiply unfolded; `transposed`: W is stored (in, out) (Conv1D, Embedding)."""
+    delta = scale * (B.flatten(1).float() @ A.flatten(1).float())  # (out, in·kh·kw)
+    if transposed:
+        delta = delta.T
+    return (W.float() + delta.reshape(W.shape)).to(W.dtype)
 
 
 def copy_small_files(base: Path, out: Path) -> None:
@@ -175,7 +174,7 @@ def copy_small_files(base: Path, out: Path) -> None:
             shutil.copy2(path, out / path.name)
 
 
-def write_shards(base: Path, out: Path, wmap: dict[str, str], plan: dict, fan_in_fan_out: bool,
+def write_shards(base: Path, out: Path, wmap: dict[str, str], plan: dict,
                  progress: Callable[[int, int, str], None] | None) -> int:
     """Stream every shard through, merging the planned weights; returns the total tensor bytes."""
     from safetensors import safe_open
@@ -189,7 +188,7 @@ def write_shards(base: Path, out: Path, wmap: dict[str, str], plan: dict, fan_in
             for key in f.keys():
                 W = f.get_tensor(key)
                 if key in plan:
-                    W = merged(W, *plan[key], fan_in_fan_out)
+                    W = merged(W, *plan[key])
                     done += 1
                     if progress:
                         progress(done, len(plan), key)
@@ -218,10 +217,9 @@ def merge_adapter(
     if not (base_dir / "config.json").exists():
         raise PissaError(f"{base_dir} has no config.json; --base must be a model folder or a `pissa init` folder")
     plan, wmap, mode = plan_merge(adapter, base_dir)
-    fan_in_fan_out = bool(read_adapter_config(adapter).get("fan_in_fan_out"))
     with atomic_output_dir(out, overwrite) as tmp:
         copy_small_files(base_dir, tmp)
-        total = write_shards(base_dir, tmp, wmap, plan, fan_in_fan_out, progress)
+        total = write_shards(base_dir, tmp, wmap, plan, progress)
         if (base_dir / INDEX_FILE).exists():
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
