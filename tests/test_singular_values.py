@@ -97,11 +97,14 @@ def test_train_singular_values_end_to_end(tmp_path, tiny_dir, data_file, stock_l
     # stock transformers + PEFT, pissa not imported: the residual + AdaLoRA adapter is the trained model
     torch.testing.assert_close(stock_logits(run / "residual", run / "adapter", ids), expected, rtol=1e-5, atol=1e-5)
     # pissa eval RUN: the AdaLoRA adapter on its residual
-    from pissa.evalrun import load_target, resolve_target
+    from conftest import build_tiny_llama
+    from pissa.evalrun import check_adapter_fits, load_target, resolve_target
 
     evaluated, _ = load_target(resolve_target(str(run)))
     with torch.no_grad():
         torch.testing.assert_close(evaluated(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(PissaError, match="is 64x128 but model other has 48x96"):
+        check_adapter_fits(build_tiny_llama(hidden_size=48, intermediate_size=96), run / "adapter", "other")
     # --convert-at-end: a plain rank-2r LoRA on the original model
     lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), run / "lora").eval()
     assert lora.peft_config["default"].peft_type == "LORA" and lora.peft_config["default"].r == 2 * RANK

@@ -93,8 +93,11 @@ def run_target(run: Path) -> Target:
 def check_adapter_fits(model, adapter: Path, model_name: str) -> None:
     """Refuse an adapter whose layers are missing from the model or have other shapes."""
     from .checkpoint.adapter_io import lora_pairs
+    from .singular_values import adalora_as_lora
 
-    _, state = read_adapter(adapter)
+    config, state = read_adapter(adapter)
+    if config.get("peft_type") == "ADALORA":  # --train-singular-values: its B·diag(E)·A as LoRA pairs
+        config, state = adalora_as_lora(config, state)
     modules = dict(model.named_modules())
     for name, (A, B) in lora_pairs(state).items():
         module = modules.get(name)
