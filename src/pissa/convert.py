@@ -40,7 +40,7 @@ from .checkpoint.adapter_io import (
 from .checkpoint.atomic import atomic_output_dir, check_output_dir, dir_size
 from .errors import PissaError
 from .manifest import read_manifest
-from .singular_values import adalora_as_lora, factored_svd
+from .singular_values import as_lora, factored_svd
 
 INIT_ADAPTER_DIR = "adapter"  # initialize.ADAPTER_DIR; not imported so that this module stays light
 CONVERSION_FILE = "conversion.json"
@@ -98,9 +98,7 @@ def read_lora_adapter(folder: str | Path, role: str) -> tuple[dict, dict, dict, 
         raise PissaError(f"{role} {folder} does not exist; give the folder holding adapter_config.json")
     if (folder / "pissa.json").exists() and not (folder / "adapter_config.json").exists():
         raise PissaError(f"{folder} is a `pissa init` folder, not an adapter; give its trained adapter as {role}")
-    config, state = read_adapter(folder)
-    if config.get("peft_type") == "ADALORA":  # pissa train --train-singular-values: B·diag(E)·A is a LoRA
-        config, state = adalora_as_lora(config, state)
+    config, state = as_lora(*read_adapter(folder))  # --train-singular-values saves AdaLoRA: B·diag(E)·A
     if config.get("peft_type", "LORA") != "LORA":
         raise PissaError(f"{role} {folder} is a {config['peft_type']} adapter; only LoRA adapters can be converted")
     if config.get("use_dora"):

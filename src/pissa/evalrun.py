@@ -93,11 +93,9 @@ def run_target(run: Path) -> Target:
 def check_adapter_fits(model, adapter: Path, model_name: str) -> None:
     """Refuse an adapter whose layers are missing from the model or have other shapes."""
     from .checkpoint.adapter_io import lora_pairs
-    from .singular_values import adalora_as_lora
+    from .singular_values import as_lora
 
-    config, state = read_adapter(adapter)
-    if config.get("peft_type") == "ADALORA":  # --train-singular-values: its B·diag(E)·A as LoRA pairs
-        config, state = adalora_as_lora(config, state)
+    _, state = as_lora(*read_adapter(adapter))
     modules = dict(model.named_modules())
     for name, (A, B) in lora_pairs(state).items():
         module = modules.get(name)
@@ -165,12 +163,12 @@ def load_target(target: Target, dtype: str = "auto", trust_remote_code: bool = F
 
 def quantized_init_of(model: str) -> Path | None:
     """The `pissa init --quantize` folder when `model` is its residual, else None."""
-    from .manifest import read_manifest
+    from .train import is_quantized_init
 
     path = Path(model)
     if path.name != "residual" or not (path.parent / "pissa.json").exists():
         return None
-    return path.parent if read_manifest(path.parent).get("quantization") else None
+    return path.parent if is_quantized_init(path.parent) else None
 
 
 def load_tokenizer(folder: Path):

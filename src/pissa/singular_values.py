@@ -114,6 +114,12 @@ def to_singular_value_adapters(peft_model, orth_reg_weight: float, total_steps: 
     return model
 
 
+def as_lora(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A saved adapter (config, state) in LoRA form: an AdaLoRA one (--train-singular-values) rewritten
+    by `adalora_as_lora`, any other as it is."""
+    return adalora_as_lora(config, state) if config.get("peft_type") == "ADALORA" else (config, state)
+
+
 def adalora_as_lora(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """A saved AdaLoRA adapter (config, state) as an equivalent LoRA adapter (config, state).
 
