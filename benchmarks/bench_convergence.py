@@ -55,7 +55,7 @@ def parse_args(argv=None):
 def train_run(args, method: str, lr: float, work: Path):
     """One training run through the recipe; returns (per-step records, recipe)."""
     from pissa.train import SFTRecipe, TrainConfig
-    from pissa.trainlog import read_log
+    from pissa.train.log import read_log
 
     config = TrainConfig(out=str(work / f"{method}-{lr:g}"), model=args.model, method=method, lr=lr,
                          max_steps=args.steps, batch_size=args.batch_size, rank=args.rank,
@@ -71,8 +71,8 @@ def train_run(args, method: str, lr: float, work: Path):
 
 
 def held_out(model, tokenizer, args) -> dict:
-    from pissa.evaldata import load_eval_examples
-    from pissa.evaluate import EvalConfig, evaluate
+    from pissa.eval.data import load_eval_examples
+    from pissa.eval.scoring import EvalConfig, evaluate
 
     examples = load_eval_examples("arith:test", limit=args.eval_limit)
     config = EvalConfig(task="gsm8k", max_new_tokens=args.max_new_tokens, batch_size=10, backend="transformers")
@@ -109,17 +109,16 @@ def compare(lora: list[float], pissa: list[float], first: int) -> dict:
 
 def step_time_ratio(args) -> dict:
     """PiSSA/LoRA time of one optimizer step, the two models' steps interleaved on the same batch."""
-    from pissa.adapters import PissaConfig
-    from pissa.data import PadCollator, build_dataset, pad_id
+    from pissa.data.tokens import PadCollator, build_dataset, pad_id
+    from pissa.init import PissaConfig, init_model
     from pissa.models import load_model
-    from pissa.train import init_adapters
 
     models, tokenizer = {}, None
     for method in METHODS:
         base, tokenizer, _ = load_model(args.model, "float32")
         init = "lora-kaiming" if method == "lora" else "pissa"
         options = {"niter": args.niter} if method == "pissa" and args.niter is not None else {}
-        models[method], _ = init_adapters(base, PissaConfig(rank=args.rank, method=init, options=options))
+        models[method], _ = init_model(base, PissaConfig(rank=args.rank, method=init, options=options))
     features = build_dataset("arith", tokenizer, args.max_length, limit=args.batch_size).features
     batch = PadCollator(pad_id(tokenizer))(features)
     optims = {m: torch.optim.AdamW([p for p in models[m].parameters() if p.requires_grad], lr=1e-5) for m in METHODS}

@@ -65,8 +65,9 @@ def op_compress_compare(a):
     """Per layer of the first blocks: ours (QR + small SVD) vs forming ΔW and a full SVD, interleaved."""
     import torch
 
-    from pissa.checkpoint.adapter_io import lora_pairs, read_adapter
-    from pissa.convert import layer_scale, truncate
+    from pissa.convert.inputs import layer_scale
+    from pissa.convert.lora import truncate
+    from pissa.io.adapter_files import lora_pairs, read_adapter
 
     config, state = read_adapter(a["lora"])
     blocks = tuple(f"layers.{i}." for i in range(a["blocks"]))
@@ -86,7 +87,7 @@ def op_compress_compare(a):
 
 
 def op_merge_ours(a):
-    from pissa.merge import merge_adapter
+    from pissa.convert import merge_adapter
 
     merge_adapter(a["adapter"], a["base"], a["out"])
 
@@ -127,11 +128,11 @@ def peak_rss_mb() -> float:
 
 def run_child(op: str, raw: str) -> None:
     import peft  # noqa: F401  (imports are paid before the timer: they are the same for every operation)
+    import pissa.merge  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
     import pissa.convert  # noqa: F401
-    import pissa.merge  # noqa: F401
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     start = time.perf_counter()
@@ -146,11 +147,9 @@ def setup(work: Path, rank: int, shard_size: str) -> dict:
     """PiSSA init of SmolLM2, a noisy 'trained' adapter, and a sharded copy of the original."""
     import torch
 
-    from pissa.adapters import PissaConfig
-    from pissa.checkpoint.adapter_io import read_adapter, write_adapter
-    from pissa.embedded import resolve_embedded
-    from pissa.initialize import run_init
-    from pissa.models import load_model
+    from pissa.init import PissaConfig, run_init
+    from pissa.io.adapter_files import read_adapter, write_adapter
+    from pissa.models import load_model, resolve_embedded
 
     original = resolve_embedded("smollm2-135m")
     run_init(str(original), PissaConfig(rank=rank, options={"niter": 4}), work / "init")

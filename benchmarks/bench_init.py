@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pissa.adapters import PissaConfig, init_model
+from pissa.init import PissaConfig, init_model
 from pissa.models import load_model
 
 RESULTS = Path(__file__).parent / "results" / "init.md"

@@ -26,18 +26,18 @@ import time
 from pathlib import Path
 
 import torch
+from _peers import cuda_moves_on_cpu
 
 from pissa.quant import QuantSpec, loftq_iterates, nuclear
-from pissa.quant.peer import cuda_moves_on_cpu
-from pissa.quant.report import (
+from pissa.report.quant import (
     ReportConfig,
-    markdown_table,
     measure,
     model_weights,
     qpissa_wins,
+    quant_table,
     short_names,
     summarize,
-    write_report,
+    write_quant_report,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -97,7 +97,7 @@ def main_lines(model, args, weights, total_layers, path, dtype, seconds, rows) -
              f"(niter={args.niter}, oversample r) for the SVD steps; nuclear norms exact. "
              f"Measured in {seconds:.0f} s.", "",
              "Error-reduction ratio vs QLoRA, nuclear norm, % (higher is better):", "",
-             markdown_table(types, table, names), ""]
+             quant_table(types, table, names), ""]
     for w in qpissa_wins(table, types):
         wins = ", ".join(names[t] for t in w["wins"]) or "none"
         losses = ", ".join(names[t] for t in w["losses"]) or "none"
@@ -122,7 +122,7 @@ def run_model(model: str, args) -> list[str]:
     folder = RESULTS / "quant" / (model + args.suffix)
     folder.mkdir(parents=True, exist_ok=True)
     title = f"{model}: nf4 from {dtype}, randomized SVD niter={args.niter}"
-    write_report(folder, rows, title, {"model": path, "layers": len(weights)})
+    write_quant_report(folder, rows, title, {"model": path, "layers": len(weights)})
 
     block = {n: W for n, W in weights.items() if block_of(n) == args.check_block}
     if not block:  # --check-block -1: no exact-SVD check, no peer run
@@ -142,7 +142,7 @@ def run_model(model: str, args) -> list[str]:
     names = short_names(types)
     _, exact_table = summarize(exact_rows)
     lines += ["", f"Exact SVD on block {args.check_block} only ({len(block)} layers, {exact_seconds:.0f} s):", "",
-              markdown_table(types, exact_table, names), "",
+              quant_table(types, exact_table, names), "",
               "Randomized vs exact SVD on those layers, largest |difference| of a layer's ratio (points): "
               + ", ".join(f"{k} {v:.3f}" for k, v in sorted(tol.items())), ""]
     for rank, iters, p in peers:

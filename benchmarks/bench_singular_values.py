@@ -67,7 +67,7 @@ def singular_values(model) -> dict[str, torch.Tensor]:
 
 def run(args, name: str, extra: dict, work: Path) -> dict:
     from pissa.train import SFTRecipe, TrainConfig
-    from pissa.trainlog import read_log
+    from pissa.train.log import read_log
 
     config = TrainConfig(out=str(work / name.replace(" ", "")), model=args.model, method="pissa", lr=args.lr,
                          max_steps=args.steps, batch_size=args.batch_size, rank=args.rank,

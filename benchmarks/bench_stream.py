@@ -118,8 +118,8 @@ INIT = """
 import json, re, sys, time
 def hwm():
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-from pissa.adapters import PissaConfig
-from pissa.initialize import run_init
+from pissa.init import PissaConfig
+from pissa.init import run_init
 rss_imports = hwm()
 start = time.perf_counter()
 run_init(sys.argv[1], PissaConfig(rank=16, options={"niter": 4}), sys.argv[2], stream=sys.argv[3] == "stream")

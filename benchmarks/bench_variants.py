@@ -34,7 +34,7 @@ PROJ = ["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"]
 def load_weights(blocks: list[int], projections: list[str]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    from pissa.embedded import resolve_embedded
+    from pissa.models import resolve_embedded
 
     path = Path(resolve_embedded("smollm2-135m")) / "model.safetensors"
     with safe_open(path, "pt") as f:

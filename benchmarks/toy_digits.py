@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pissa.adapters import PissaConfig, init_model
+from pissa.init import PissaConfig, init_model
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {  # label -> (registry method, options); None = full fine-tuning

@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 
+from helpers import RECORDS, build_tiny_llama, char_tokenizer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    kwargs = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
-
-
-def build_tiny_llama(seed: int = 0, **overrides):
-    """A 2-layer Llama (hidden 64) with seeded random weights, in eval mode."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +23,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama (vocab 128) + the character-level tokenizer saved as an HF folder."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_llama(seed=0, vocab_size=128).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """The memorisable sums set (helpers.RECORDS) as JSONL."""
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return path
 
 
 @pytest.fixture
@@ -74,7 +69,7 @@ def tokens():
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded SmolLM2-135M-Instruct as a cached safetensors folder (converted on first use)."""
-    from pissa.embedded import resolve_embedded
+    from pissa.models import resolve_embedded
 
     return resolve_embedded("smollm2-135m")
 

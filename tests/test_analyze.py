@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 
-from pissa.adapters import base_weight, linear_modules
-from pissa.analyze import (
+from pissa.errors import PissaError
+from pissa.init import linear_modules
+from pissa.layout import kind_of
+from pissa.report.analyze import (
     AnalyzeConfig,
     cosine_matrix,
     distributions,
@@ -16,7 +18,6 @@ from pissa.analyze import (
     select_layers,
     spectra,
 )
-from pissa.errors import PissaError
 
 LAYER = "model.layers.0.self_attn.q_proj"
 
@@ -43,7 +44,7 @@ def test_gaussian_fit_matches_moments():
 
 
 def test_distributions_pool_each_layer_type(tiny_llama):
-    weights = {n: base_weight(m) for n, m in linear_modules(tiny_llama).items()}
+    weights = {n: kind_of(m).to_matrix(m.weight) for n, m in linear_modules(tiny_llama).items()}
     dist = distributions(weights, AnalyzeConfig(rank=8))
     assert set(dist) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     # the tiny layers are below the sampling cap, so the fit is over every value of that type

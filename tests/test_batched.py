@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pissa.adapters import PissaConfig
-from pissa.checkpoint import shard_job
-from pissa.checkpoint.plan import make_plan
-from pissa.checkpoint.reader import CheckpointReader
 from pissa.decompose import decompose, decompose_batch
-from pissa.initialize import run_init
+from pissa.init import PissaConfig, run_init, shard_job
+from pissa.init.plan import make_plan
+from pissa.io.reader import CheckpointReader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,65 +16,21 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pissa.adapters import PissaConfig
-from pissa.checkpoint.adapter_io import lora_pairs, read_adapter, write_adapter
-from pissa.convert import convert_to_lora, layer_scale
+from helpers import assert_nothing_written, load_with_adapter, logits, make_init, train_pissa
+from pissa.convert import convert_to_lora
+from pissa.convert.inputs import layer_scale
 from pissa.errors import PissaError
-from pissa.initialize import run_init
+from pissa.io.adapter_files import lora_pairs, read_adapter, write_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 # --- helpers shared with test_merge.py ------------------------------------------------------------
 
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
-
-
-def make_init(model_dir, out, **config):
-    """`pissa init` of a saved model folder into `out`."""
-    run_init(str(model_dir), PissaConfig(**config), out)
-    return out
-
-
-def train_pissa(init_dir, out, steps=4, lr=1e-2, seed=0, length=16):
-    """A few real AdamW steps on residual + PiSSA adapter (a plain torch loop); saves the adapter to
-    `out` and returns the trained PeftModel in eval mode. lr is large so that A and B really move."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    residual = AutoModelForCausalLM.from_pretrained(init_dir / "residual")
-    model = PeftModel.from_pretrained(residual, init_dir / "adapter", is_trainable=True)
-    vocab = residual.config.vocab_size
-    data = torch.randint(0, vocab, (4, length), generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(data, labels=data).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    model.save_pretrained(out)
-    return model
-
-
-def load_with_adapter(model_dir, adapter_dir, **kwargs):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir, **kwargs).eval()
-
-
-def assert_nothing_written(tmp_path, out):
-    assert not out.exists()
-    assert not list(tmp_path.glob(f".{out.name}.tmp-*"))
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One tiny Llama, its PiSSA init (r=4, alpha=8) and a trained adapter, shared by the module."""
-    from conftest import build_tiny_llama
+    from helpers import build_tiny_llama
 
     root = tmp_path_factory.mktemp("convert")
     build_tiny_llama(seed=0).save_pretrained(root / "original")
@@ -338,7 +294,7 @@ def test_refuses_init_with_different_targets(run, tmp_path):
 
 
 def test_refuses_init_of_a_different_model(run, tmp_path):
-    from conftest import build_tiny_llama
+    from helpers import build_tiny_llama
 
     root, _ = run
     build_tiny_llama(seed=0, intermediate_size=96).save_pretrained(tmp_path / "wide")

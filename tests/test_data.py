@@ -9,16 +9,10 @@ import sys
 
 import pytest
 
-from pissa.data import (
-    ALPACA_PROMPT_INPUT,
-    IGNORE_INDEX,
-    PadCollator,
-    build_dataset,
-    load_examples,
-    render_prompt,
-)
+from pissa.data.records import ALPACA_PROMPT_INPUT, load_examples
+from pissa.data.synthetic import arith_problems
+from pissa.data.tokens import IGNORE_INDEX, PadCollator, build_dataset, render_prompt
 from pissa.errors import PissaError
-from pissa.synthetic import arith_problems
 
 RECORDS = {
     "alpaca": {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5. The answer is: 5"},
@@ -149,7 +143,7 @@ def test_hub_name_config_and_split_reach_load_dataset(monkeypatch):
     """NAME@CONFIG:SPLIT -> load_dataset(NAME, CONFIG, split=SPLIT): GSM8K cannot load without its config."""
     import types
 
-    from pissa.data import read_records
+    from pissa.data.records import read_records
 
     calls = []
 

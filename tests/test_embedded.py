@@ -4,8 +4,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pissa.adapters import PissaConfig, init_model
 from pissa.cli import app
+from pissa.init import PissaConfig, init_model
 from pissa.models import load_model
 
 pytestmark = pytest.mark.integration
@@ -21,7 +21,8 @@ def test_smollm2_init_reload_logits_unchanged(smollm2_dir, smollm2_tokenizer, tm
     with torch.no_grad():
         expected = model(tokens).logits
     got = stock_logits(out / "residual", out / "adapter", tokens)
-    assert (got - expected).abs().max().item() <= 1e-4
+    # fp32 rounding through 30 blocks grows with the logits' size (|logit| ~ 31 here): bound it relative to them
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
     assert (out / "residual" / "tokenizer.json").exists()
 
 

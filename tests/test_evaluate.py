@@ -10,12 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pissa.answers import accuracy, extract_answer, gold_answer, is_correct, normalize
 from pissa.cli import app
+from pissa.data.synthetic import arith_problems
+from pissa.data.tokens import pad_id
 from pissa.errors import PissaError
-from pissa.evaldata import encode_prompt, encode_with_response, load_eval_examples, question_example
-from pissa.evaluate import EvalConfig, evaluate, generate_transformers, pad_token_id, perplexity
-from pissa.synthetic import arith_problems
+from pissa.eval.answers import accuracy, extract_answer, gold_answer, is_correct, normalize
+from pissa.eval.data import encode_prompt, encode_with_response, load_eval_examples, question_example
+from pissa.eval.generate import generate_transformers
+from pissa.eval.scoring import EvalConfig, evaluate, perplexity
 
 # (model output, task, expected extracted answer, expected normalised value)
 EXTRACTION_TABLE = [
@@ -142,7 +144,7 @@ def test_perplexity_equals_model_loss(tiny_lm):
                 ("Name a colour.", "The answer is: blue")]
     examples = [question_example(q, a) for q, a in examples]
     sequences = [encode_with_response(tokenizer, ex, max_length=512) for ex in examples]
-    ppl, nll, count = perplexity(model, sequences, batch_size=3, pad_id=pad_token_id(tokenizer))
+    ppl, nll, count = perplexity(model, sequences, batch_size=3, pad=pad_id(tokenizer))
     # Reference: the model's own mean loss per example (no padding), weighted by its labelled tokens.
     ref_nll, ref_count = 0.0, 0
     with torch.no_grad():

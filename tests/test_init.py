@@ -4,9 +4,9 @@ PiSSA init, targets and ranks, and bad input."""
 import pytest
 import torch
 
-from pissa.adapters import PissaConfig, init_model, residual_state_dict
 from pissa.decompose import METHODS
 from pissa.errors import PissaError
+from pissa.init import PissaConfig, init_model, residual_state_dict
 
 LINEAR_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

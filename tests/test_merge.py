@@ -11,10 +11,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pissa.convert import convert_to_lora
+from helpers import assert_nothing_written, load_with_adapter, logits, make_init, train_pissa
+from pissa.convert import convert_to_lora, merge_adapter
 from pissa.errors import PissaError
-from pissa.merge import merge_adapter
-from test_convert import assert_nothing_written, load_with_adapter, logits, make_init, train_pissa
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -36,7 +35,7 @@ def folder_tensors(folder):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Original tiny Llama (also saved in 3+ shards), PiSSA init, trained adapter, converted adapter."""
-    from conftest import build_tiny_llama
+    from helpers import build_tiny_llama
 
     root = tmp_path_factory.mktemp("merge")
     original = build_tiny_llama(seed=0)
@@ -151,7 +150,8 @@ def test_conv2d_update_is_merged_in_the_kernel_layout():
     """merged() on a Conv2d kernel (out, in, kh, kw) == PEFT's own conv delta added to it."""
     from peft import LoraConfig, get_peft_model
 
-    from pissa.merge import merged
+    from pissa.convert.merge import Update, merged
+    from pissa.layout import CONV2D
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(6, 10, (3, 5)))
@@ -161,7 +161,7 @@ def test_conv2d_update_is_merged_in_the_kernel_layout():
     W = layer.get_base_layer().weight.detach()
     with torch.no_grad():
         expected = W + layer.get_delta_weight("default")
-    torch.testing.assert_close(merged(W, A.detach(), B.detach(), layer.scaling["default"], False), expected,
+    torch.testing.assert_close(merged(W, Update(A.detach(), B.detach(), layer.scaling["default"], CONV2D)), expected,
                                atol=1e-6, rtol=0)
 
 
@@ -182,7 +182,7 @@ def test_refuses_converted_adapter_on_the_residual(run, tmp_path):
 
 
 def test_refuses_a_base_of_another_shape(run, tmp_path):
-    from conftest import build_tiny_llama
+    from helpers import build_tiny_llama
 
     root, _ = run
     build_tiny_llama(seed=0, intermediate_size=96).save_pretrained(tmp_path / "wide")

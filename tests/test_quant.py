@@ -12,18 +12,23 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from benchmarks._peers import cuda_moves_on_cpu  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from pissa.adapters import PissaConfig, init_model, linear_modules  # noqa: E402
 from pissa.cli import app  # noqa: E402
-from pissa.cli.quant_report import expand_greedy  # noqa: E402
+from pissa.cli.options import expand_lists  # noqa: E402
 from pissa.decompose import layer_seed  # noqa: E402
 from pissa.errors import PissaError  # noqa: E402
-from pissa.initialize import run_init  # noqa: E402
+from pissa.init import (  # noqa: E402
+    PissaConfig,
+    init_model,
+    linear_modules,
+    run_init,  # noqa: E402
+)
+from pissa.init.load import check_quantized_output  # noqa: E402
 from pissa.quant import (  # noqa: E402
     QuantizationError,
     QuantSpec,
-    check_quantized_output,
     fake_quantize,
     fit_iterates,
     load_kwargs,
@@ -35,8 +40,7 @@ from pissa.quant import (  # noqa: E402
     qpissa_iterates,
     read_record,
 )
-from pissa.quant.peer import cuda_moves_on_cpu  # noqa: E402
-from pissa.quant.report import ReportConfig, layer_type, measure_layer, short_names, summarize  # noqa: E402
+from pissa.report.quant import ReportConfig, layer_type, measure_layer, short_names, summarize  # noqa: E402
 
 runner = CliRunner()
 
@@ -334,8 +338,8 @@ def test_loftq_streams_like_in_memory(structured_dir, tmp_path):
 def test_converting_a_loftq_run_is_off_by_the_inits_fitted_error(structured_dir, structured_llama, tmp_path):
     """pissa convert of an adapter trained on a LoftQ init: original + converted LoRA differs from the trained
     Q + B'A' by exactly the init's W - Q - BA (what the convert note says), not by anything else."""
-    from pissa.checkpoint.adapter_io import read_adapter, write_adapter
     from pissa.convert import convert_to_lora
+    from pissa.io.adapter_files import read_adapter, write_adapter
 
     out = tmp_path / "loftq"
     result = run_init(str(structured_dir), PissaConfig(rank=8, quantize="nf4", quant_fit="loftq", quant_iters=2), out,
@@ -474,9 +478,12 @@ def test_cli_init_quant_fit_loftq_and_its_bad_input(structured_dir, tmp_path):
 # --- quant-report ----------------------------------------------------------------------------------
 
 def test_expand_greedy_list_options():
-    assert expand_greedy(["m", "--ranks", "16", "64", "--iters", "1", "5", "--out", "x"]) == [
+    lists = {"--ranks": True, "--iters": True, "--targets": False}
+    assert expand_lists(["m", "--ranks", "16", "64", "--iters", "1", "5", "--out", "x"], lists) == [
         "m", "--ranks", "16", "--ranks", "64", "--iters", "1", "--iters", "5", "--out", "x"]
-    assert expand_greedy(["--ranks", "8", "model"]) == ["--ranks", "8", "model"]
+    assert expand_lists(["--ranks", "8", "model"], lists) == ["--ranks", "8", "model"]
+    assert expand_lists(["--targets", "q_proj", "v_proj", "--out", "x"], lists) == [
+        "--targets", "q_proj", "--targets", "v_proj", "--out", "x"]
 
 
 def test_layer_types_and_short_names():

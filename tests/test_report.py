@@ -12,15 +12,9 @@ from typer.testing import CliRunner
 
 from pissa.cli import app
 from pissa.errors import PissaError
-from pissa.evaluate import EvalResult, write_results
-from pissa.report import (
-    load_run,
-    load_runs,
-    metric_figure,
-    spectra_figure,
-    weight_spectrum,
-    write_report,
-)
+from pissa.eval.scoring import EvalResult, write_results
+from pissa.plots import spectra_figure
+from pissa.report.runs import load_run, load_runs, metric_figure, write_run_report
 
 runner = CliRunner()
 
@@ -49,7 +43,8 @@ def fake_run(folder, method: str, decay: float, steps: int = 30, correct=(True, 
 def test_report_from_fabricated_runs(tmp_path):
     logs = {"lora": fake_run(tmp_path / "lora", "lora", decay=20.0, correct=(False, False, True)),
             "pissa": fake_run(tmp_path / "pissa", "pissa", decay=5.0, correct=(True, True, False))}
-    path = write_report(load_runs([tmp_path / "lora", tmp_path / "pissa"]), tmp_path / "report", title="LoRA vs PiSSA")
+    path = write_run_report(load_runs([tmp_path / "lora", tmp_path / "pissa"]), tmp_path / "report",
+                            title="LoRA vs PiSSA")
     md = path.read_text()
     assert md.startswith("# LoRA vs PiSSA")
     for name, log in logs.items():
@@ -82,11 +77,11 @@ def test_loss_plot_draws_the_logged_values_with_labels(tmp_path):
 
 def test_spectrum_helpers_agree_with_torch_svd():
     W = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
-    s = weight_spectrum(W)
+    s = torch.linalg.svdvals(W)
     torch.testing.assert_close(s, torch.linalg.svd(W, full_matrices=False).S)
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     residual = W - (U[:, :4] * S[:4]) @ Vh[:4]  # (48, 32): PiSSA's residual at r = 4
-    fig = spectra_figure({"layer.q_proj": {"W": s, "W_res": weight_spectrum(residual)}}, rank=4)
+    fig = spectra_figure({"layer.q_proj": {"W": s, "W_res": torch.linalg.svdvals(residual)}}, rank=4)
     ax = fig.axes[0]
     assert ax.get_xlabel() == "singular value index" and ax.get_ylabel() == "singular value"
     lines = {line.get_label(): line for line in ax.get_lines()}

@@ -5,19 +5,17 @@ PEFT AdaLoRA adapter, and converts/merges to the same model."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from pissa.adapters import PissaConfig, init_model
+from helpers import losses, train_config
 from pissa.errors import PissaError
-from pissa.singular_values import RANKNUM_EPS, lora_layers, to_singular_value_adapters
+from pissa.init import PissaConfig, init_model
+from pissa.io.adapter_files import RANKNUM_EPS
 from pissa.train import SFTRecipe
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import config, data_file, losses, tiny_dir  # noqa: E402,F401  (module fixtures reused)
+from pissa.train.singular_values import lora_layers, to_singular_value_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RANK = 4
@@ -65,14 +63,14 @@ def test_orthogonality_regulariser_is_added_to_the_loss(tiny_llama, tokens):
     assert float(regularised - plain) == pytest.approx(0.3 * expected, rel=1e-4)
 
 
-def test_train_singular_values_end_to_end(tmp_path, tiny_dir, data_file, stock_logits):  # noqa: F811
+def test_train_singular_values_end_to_end(tmp_path, tiny_dir, data_file, stock_logits):
     """Trains (loss falls, S moves), saves a stock AdaLoRA adapter, and converts/merges to the same model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pissa.merge import merge_adapter
+    from pissa.convert import merge_adapter
 
-    recipe = SFTRecipe(config(tmp_path, tiny_dir, data_file, limit=4, lr=1e-2, train_singular_values=True,
+    recipe = SFTRecipe(train_config(tmp_path, tiny_dir, data_file, limit=4, lr=1e-2, train_singular_values=True,
                               convert_at_end=True))
     summary = recipe.run()
     run = tmp_path / "run"
@@ -97,8 +95,8 @@ def test_train_singular_values_end_to_end(tmp_path, tiny_dir, data_file, stock_l
     # stock transformers + PEFT, pissa not imported: the residual + AdaLoRA adapter is the trained model
     torch.testing.assert_close(stock_logits(run / "residual", run / "adapter", ids), expected, rtol=1e-5, atol=1e-5)
     # pissa eval RUN: the AdaLoRA adapter on its residual
-    from conftest import build_tiny_llama
-    from pissa.evalrun import check_adapter_fits, load_target, resolve_target
+    from helpers import build_tiny_llama
+    from pissa.eval.run import check_adapter_fits, load_target, resolve_target
 
     evaluated, _ = load_target(resolve_target(str(run)))
     with torch.no_grad():
@@ -119,35 +117,35 @@ def test_train_singular_values_end_to_end(tmp_path, tiny_dir, data_file, stock_l
 
 def initial_singular_values(run: Path) -> dict[str, torch.Tensor]:
     """Each layer's initial S from RUN/init (the PiSSA LoRA pairs before re-expression), as E would hold it."""
-    from pissa.checkpoint.adapter_io import lora_pairs, read_adapter
-    from pissa.singular_values import factored_svd
+    from pissa.decompose import factored_svd
+    from pissa.io.adapter_files import lora_pairs, read_adapter
 
     adapter_config, state = read_adapter(run / "init" / "adapter")
     scale = adapter_config["lora_alpha"] / adapter_config["r"]
-    return {m: factored_svd(B * scale, A)[1] * (RANK + RANKNUM_EPS) / adapter_config["lora_alpha"]
+    return {m: factored_svd((B * scale).double(), A.double())[1] * (RANK + RANKNUM_EPS) / adapter_config["lora_alpha"]
             for m, (A, B) in lora_pairs(state).items()}
 
 
-def test_init_dir_equals_on_the_fly(tmp_path, tiny_dir, data_file):  # noqa: F811
-    from pissa.initialize import run_init
+def test_init_dir_equals_on_the_fly(tmp_path, tiny_dir, data_file):
+    from pissa.init import run_init
 
     run_init(str(tiny_dir), PissaConfig(rank=RANK), tmp_path / "init")
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "fly", max_steps=4, train_singular_values=True)).run()
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "dir", model=None, init=str(tmp_path / "init"), max_steps=4,
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "fly", max_steps=4, train_singular_values=True)).run()
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "dir", model=None, init=str(tmp_path / "init"), max_steps=4,
                      train_singular_values=True)).run()
     torch.testing.assert_close(losses(tmp_path / "dir"), losses(tmp_path / "fly"), rtol=1e-5, atol=1e-6)
 
 
 # --- bad input -------------------------------------------------------------------------------------
 
-def test_refused_with_dora_and_for_lora(tmp_path, tiny_dir, data_file):  # noqa: F811
+def test_refused_with_dora_and_for_lora(tmp_path, tiny_dir, data_file):
     with pytest.raises(PissaError, match="--train-singular-values and --dora cannot be combined"):
-        config(tmp_path, tiny_dir, data_file, dora=True, train_singular_values=True)
+        train_config(tmp_path, tiny_dir, data_file, dora=True, train_singular_values=True)
     with pytest.raises(PissaError, match="applies to --method pissa, not lora"):
-        SFTRecipe(config(tmp_path, tiny_dir, data_file, method="lora", train_singular_values=True)).setup()
+        SFTRecipe(train_config(tmp_path, tiny_dir, data_file, method="lora", train_singular_values=True)).setup()
     assert not (tmp_path / "run").exists()
     with pytest.raises(PissaError, match="--orth-reg-weight must be >= 0"):
-        config(tmp_path, tiny_dir, data_file, orth_reg_weight=-1.0)
+        train_config(tmp_path, tiny_dir, data_file, orth_reg_weight=-1.0)
 
 
 def test_rank_pattern_and_embeddings_refused(tiny_llama):

@@ -14,13 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pissa.adapters import PissaConfig
-from pissa.checkpoint import parallel, shard_job
-from pissa.checkpoint.reader import INDEX_FILE, CheckpointError
-from pissa.checkpoint.stream import work_dir_for
-from pissa.checkpoint.writer import DiskFullError, ShardWriter
 from pissa.errors import PissaError
-from pissa.initialize import run_init
+from pissa.init import PissaConfig, parallel, run_init, shard_job
+from pissa.init.stream import work_dir_for
+from pissa.io.reader import CheckpointError
+from pissa.io.writer import DiskFullError, ShardWriter
+from pissa.layout import INDEX_FILE
 
 CONFIG = PissaConfig(rank=4, alpha=8, rank_pattern={"q_proj": 8}, options={"niter": 2}, seed=3)
 
@@ -137,8 +136,8 @@ def test_workers_equal_single_process(sharded_dir, tmp_path):
 
 DIST_SCRIPT = """
 import sys
-from pissa.adapters import PissaConfig
-from pissa.initialize import run_init
+from pissa.init import PissaConfig
+from pissa.init import run_init
 run_init(sys.argv[1], PissaConfig(**{config}), sys.argv[2])
 """
 
@@ -403,7 +402,7 @@ def test_smollm2_streamed_equals_in_memory(smollm2_dir, tmp_path):
 def test_decomposition_bits_do_not_depend_on_memory_alignment():
     """Streaming reads weights into fresh buffers, transformers into mmap'd files: MKL's bits depend on
     the address alignment, so decompose_weight must not (else streamed != in-memory in the last bits)."""
-    from pissa.adapters import decompose_weight
+    from pissa.init import decompose_weight
 
     W = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))  # (out, in)
     config = PissaConfig(rank=4, options={"niter": 2})

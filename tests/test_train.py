@@ -19,63 +19,16 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
+from helpers import RECORDS, losses, train_config
 from pissa.errors import PissaError
-from pissa.train import SFTRecipe, TrainConfig, init_adapters
-from pissa.trainlog import read_log
+from pissa.init import init_model
+from pissa.train import SFTRecipe, TrainConfig
+from pissa.train.log import read_log
 
 TESTS = Path(__file__).parent
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
-RECORDS = [{"query": f"{a} + {b}?", "response": f"{a} + {b} = {a + b}. The answer is: {a + b}"}
-           for a, b in [(2, 3), (4, 1), (7, 5), (6, 6), (9, 2), (3, 8), (5, 5), (8, 1)]]
-
-
-def char_tokenizer():
-    """A character-level fast tokenizer (ASCII + newline) with a small chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama + char tokenizer saved as an HF folder."""
-    sys.path.insert(0, str(TESTS))
-    from conftest import build_tiny_llama
-
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_llama(seed=0, vocab_size=128).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return path
-
-
-def config(tmp_path, tiny_dir, data_file, name="run", **kw) -> TrainConfig:
-    base = dict(out=str(tmp_path / name), model=str(tiny_dir), data=str(data_file), rank=4, lr=1e-2,
-                max_steps=10, batch_size=4, warmup_ratio=0.0, max_length=128, tensorboard=False)
-    return TrainConfig(**{**base, **kw})
-
-
-def losses(run) -> list[float]:
-    return [r["loss"] for r in read_log(run)]
 
 
 # --- every method trains ---------------------------------------------------------------------------
@@ -86,7 +39,7 @@ def losses(run) -> list[float]:
 ], ids=["full", "lora", "lora-gaussian", "pissa", "pissa-dora", "lora-dora"])
 def test_every_method_trains_and_memorises(tmp_path, tiny_dir, data_file, method, dora, lr):
     # 4 records in batches of 4: every step sees the same batch, which the model must start to memorise.
-    summary = SFTRecipe(config(tmp_path, tiny_dir, data_file, method=method, dora=dora, lr=lr, limit=4)).run()
+    summary = SFTRecipe(train_config(tmp_path, tiny_dir, data_file, method=method, dora=dora, lr=lr, limit=4)).run()
     log = read_log(tmp_path / "run")
     assert [r["step"] for r in log] == list(range(1, 11))
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in log)
@@ -107,7 +60,7 @@ def test_trained_pissa_adapter_reloads_on_its_residual(tmp_path, tiny_dir, data_
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
-    recipe = SFTRecipe(config(tmp_path, tiny_dir, data_file, max_steps=3))
+    recipe = SFTRecipe(train_config(tmp_path, tiny_dir, data_file, max_steps=3))
     recipe.run()
     ids = torch.tensor([[1, 20, 30, 40, 50]])
     trained = recipe.trainer.model.eval()
@@ -124,7 +77,7 @@ def test_trained_pissa_adapter_reloads_on_its_residual(tmp_path, tiny_dir, data_
 def test_quantized_methods_train(tmp_path, tiny_dir, data_file, method):
     """The base is the residual in bitsandbytes NF4 (checked against the fitted Q at load); only adapters train."""
     pytest.importorskip("bitsandbytes")
-    recipe = SFTRecipe(config(tmp_path, tiny_dir, data_file, method=method, lr=3e-2, limit=4, quant_iters=2))
+    recipe = SFTRecipe(train_config(tmp_path, tiny_dir, data_file, method=method, lr=3e-2, limit=4, quant_iters=2))
     recipe.run()
     log = read_log(tmp_path / "run")
     assert len(log) == 10 and log[-1]["loss"] < log[0]["loss"] - 0.3, [r["loss"] for r in log]
@@ -135,7 +88,7 @@ def test_quantized_methods_train(tmp_path, tiny_dir, data_file, method):
     assert {type(m).__name__ for n, m in recipe.model.named_modules() if n.endswith("q_proj.base_layer")} == \
         {"Linear4bit"}
     # `pissa eval RUN` loads the same model: the trained adapter on the 4-bit residual in RUN/init
-    from pissa.evalrun import load_target, resolve_target
+    from pissa.eval.run import load_target, resolve_target
 
     evaluated, _ = load_target(resolve_target(str(tmp_path / "run")))
     ids = torch.tensor([[1, 20, 30, 40, 50]])
@@ -147,18 +100,18 @@ def test_loftq_init_dir_equals_on_the_fly(tmp_path, tiny_dir, data_file):
     """`pissa init --quantize nf4 --quant-fit loftq` then --init DIR trains as --method loftq, with the same
     losses as --method loftq from --model; another --method is refused for it."""
     pytest.importorskip("bitsandbytes")
-    from pissa.adapters import PissaConfig
-    from pissa.initialize import run_init
+    from pissa.init import PissaConfig, run_init
 
     run_init(str(tiny_dir), PissaConfig(rank=4, quantize="nf4", quant_fit="loftq", quant_iters=2), tmp_path / "init")
-    from_init = SFTRecipe(config(tmp_path, tiny_dir, data_file, "from_init", model=None, init=str(tmp_path / "init"),
+    from_init = SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "from_init", model=None,
+                                       init=str(tmp_path / "init"),
                                  max_steps=4, quant_iters=2))
     from_init.run()
-    assert from_init.method == "loftq"
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "fly", method="loftq", max_steps=4, quant_iters=2)).run()
+    assert from_init.method.name == "loftq"
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "fly", method="loftq", max_steps=4, quant_iters=2)).run()
     torch.testing.assert_close(losses(tmp_path / "from_init"), losses(tmp_path / "fly"), rtol=1e-5, atol=1e-6)
     with pytest.raises(PissaError, match="it trains as --method loftq"):
-        SFTRecipe(config(tmp_path, tiny_dir, data_file, "other", model=None, init=str(tmp_path / "init"),
+        SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "other", model=None, init=str(tmp_path / "init"),
                          method="qpissa")).setup()
 
 
@@ -167,7 +120,7 @@ def test_convert_at_end_gives_same_logits_on_original_base(tmp_path, tiny_dir, d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    recipe = SFTRecipe(config(tmp_path, tiny_dir, data_file, max_steps=4, convert_at_end=True))
+    recipe = SFTRecipe(train_config(tmp_path, tiny_dir, data_file, max_steps=4, convert_at_end=True))
     summary = recipe.run()
     assert summary["converted"] == str(tmp_path / "run" / "lora")
     ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
@@ -180,17 +133,17 @@ def test_convert_at_end_gives_same_logits_on_original_base(tmp_path, tiny_dir, d
 
 def test_convert_at_end_refused_for_lora(tmp_path, tiny_dir, data_file):
     with pytest.raises(PissaError, match="needs no conversion"):
-        SFTRecipe(config(tmp_path, tiny_dir, data_file, method="lora", convert_at_end=True)).setup()
+        SFTRecipe(train_config(tmp_path, tiny_dir, data_file, method="lora", convert_at_end=True)).setup()
 
 
 @pytest.mark.parametrize("method, dora", [("lora", False), ("pissa", False), ("pissa", True), ("lora", True)])
 def test_adapter_init_keeps_logits(tiny_llama, tokens, method, dora):
-    from pissa.adapters import PissaConfig
+    from pissa.init import PissaConfig
 
     with torch.no_grad():
         before = tiny_llama(tokens).logits
-    model, _ = init_adapters(tiny_llama, PissaConfig(rank=4, method="lora-kaiming" if method == "lora" else method),
-                             dora=dora)
+    model, _ = init_model(tiny_llama, PissaConfig(rank=4, method="lora-kaiming" if method == "lora" else method),
+                          dora=dora)
     if dora:
         assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
     with torch.no_grad():
@@ -201,9 +154,8 @@ def test_init_dir_with_dora_keeps_logits(tmp_path, tiny_dir):
     """--init DIR --dora: the magnitude is recomputed on residual + B A, so the loaded model is the original one."""
     from transformers import AutoModelForCausalLM
 
-    from pissa.adapters import PissaConfig
-    from pissa.initialize import run_init
-    from pissa.train import load_init_dir
+    from pissa.init import PissaConfig, run_init
+    from pissa.init.load import load_init_dir
 
     run_init(str(tiny_dir), PissaConfig(rank=4), tmp_path / "init")
     model = load_init_dir(tmp_path / "init", "float32", dora=True, device="cpu").eval()
@@ -230,22 +182,21 @@ class CrashAt(TrainerCallback):
 @pytest.mark.parametrize("singular_values", [False, True], ids=["pissa", "pissa-singular-values"])
 def test_resume_equals_uninterrupted(tmp_path, tiny_dir, data_file, singular_values):
     kw = dict(max_steps=8, save_steps=4, method="pissa", train_singular_values=singular_values)
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "full_run", **kw)).run()
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "full_run", **kw)).run()
     with pytest.raises(KeyboardInterrupt):
-        SFTRecipe(config(tmp_path, tiny_dir, data_file, "crashed", **kw), callbacks=[CrashAt(6)]).run()
+        SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "crashed", **kw), callbacks=[CrashAt(6)]).run()
     assert [r["step"] for r in read_log(tmp_path / "crashed")] == list(range(1, 7))
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "crashed", resume=True, **kw)).run()
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "crashed", resume=True, **kw)).run()
     assert [r["step"] for r in read_log(tmp_path / "crashed")] == list(range(1, 9))  # no duplicated steps
     torch.testing.assert_close(losses(tmp_path / "crashed"), losses(tmp_path / "full_run"), rtol=1e-5, atol=1e-6)
 
 
 def test_init_dir_equals_on_the_fly(tmp_path, tiny_dir, data_file):
-    from pissa.adapters import PissaConfig
-    from pissa.initialize import run_init
+    from pissa.init import PissaConfig, run_init
 
     run_init(str(tiny_dir), PissaConfig(rank=4, seed=0), tmp_path / "init")
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "fly", method="pissa", max_steps=5)).run()
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "from_init", model=None, init=str(tmp_path / "init"),
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "fly", method="pissa", max_steps=5)).run()
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "from_init", model=None, init=str(tmp_path / "init"),
                      max_steps=5)).run()
     torch.testing.assert_close(losses(tmp_path / "from_init"), losses(tmp_path / "fly"), rtol=1e-5, atol=1e-6)
 
@@ -253,9 +204,9 @@ def test_init_dir_equals_on_the_fly(tmp_path, tiny_dir, data_file):
 def test_grad_accumulation_and_checkpointing_leave_losses_unchanged(tmp_path, tiny_dir, data_file):
     """batch 4 == 2 micro-batches of 2 (token-weighted), and gradient checkpointing changes no number."""
     kw = dict(method="pissa", max_steps=4)
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "plain", **kw)).run()
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "accum", batch_size=2, grad_accum=2, **kw)).run()
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "ckpt", gradient_checkpointing=True, **kw)).run()
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "plain", **kw)).run()
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "accum", batch_size=2, grad_accum=2, **kw)).run()
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "ckpt", gradient_checkpointing=True, **kw)).run()
     plain = losses(tmp_path / "plain")
     torch.testing.assert_close(losses(tmp_path / "ckpt"), plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses(tmp_path / "accum"), plain, rtol=1e-4, atol=1e-5)
@@ -263,8 +214,8 @@ def test_grad_accumulation_and_checkpointing_leave_losses_unchanged(tmp_path, ti
 
 def test_bf16_base_with_fp32_adapters_tracks_fp32(tmp_path, tiny_dir, data_file):
     """--precision bf16: base weights in bf16, adapters kept fp32 (paper), losses close to the fp32 run."""
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "fp32", max_steps=3)).run()
-    recipe = SFTRecipe(config(tmp_path, tiny_dir, data_file, "bf16", max_steps=3, precision="bf16"))
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "fp32", max_steps=3)).run()
+    recipe = SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "bf16", max_steps=3, precision="bf16"))
     recipe.run()
     params = list(recipe.model.named_parameters())
     assert {p.dtype for n, p in params if ".lora_" in n} == {torch.float32}
@@ -317,7 +268,7 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_dir, data_file, launch):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "ddp" / "launch.json").read_text()) == {"processes": 2, "backend": "gloo"}
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, "single", method="pissa", max_steps=4)).run()
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "single", method="pissa", max_steps=4)).run()
     assert len(losses(tmp_path / "ddp")) == 4
     torch.testing.assert_close(losses(tmp_path / "ddp"), losses(tmp_path / "single"), rtol=1e-4, atol=1e-5)
 
@@ -335,16 +286,16 @@ def test_existing_run_folder_refused_and_config_kept(tmp_path, tiny_dir, data_fi
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("x")
     with pytest.raises(PissaError, match="already exists; pass --resume .* --overwrite"):
-        SFTRecipe(config(tmp_path, tiny_dir, data_file)).setup()
+        SFTRecipe(train_config(tmp_path, tiny_dir, data_file)).setup()
     assert (tmp_path / "run" / "keep.txt").exists()  # nothing touched
     with pytest.raises(PissaError, match="no checkpoint"):
-        SFTRecipe(config(tmp_path, tiny_dir, data_file, resume=True)).setup()
+        SFTRecipe(train_config(tmp_path, tiny_dir, data_file, resume=True)).setup()
 
 
 def test_resume_with_changed_options_refused(tmp_path, tiny_dir, data_file):
-    SFTRecipe(config(tmp_path, tiny_dir, data_file, max_steps=2, save_steps=2)).run()
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, max_steps=2, save_steps=2)).run()
     with pytest.raises(PissaError, match="different options .* lr"):
-        SFTRecipe(config(tmp_path, tiny_dir, data_file, max_steps=2, save_steps=2, lr=1e-3, resume=True)).setup()
+        SFTRecipe(train_config(tmp_path, tiny_dir, data_file, max_steps=2, save_steps=2, lr=1e-3, resume=True)).setup()
 
 
 def test_quantized_method_without_bitsandbytes(tmp_path, tiny_dir, data_file, monkeypatch):
@@ -353,7 +304,7 @@ def test_quantized_method_without_bitsandbytes(tmp_path, tiny_dir, data_file, mo
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name))
     with pytest.raises(PissaError, match="needs bitsandbytes: `pip install"):
-        SFTRecipe(config(tmp_path, tiny_dir, data_file, method="qpissa")).setup()
+        SFTRecipe(train_config(tmp_path, tiny_dir, data_file, method="qpissa")).setup()
     assert not (tmp_path / "run").exists()
 
 
@@ -361,17 +312,16 @@ def test_bad_data_refused_before_writing(tmp_path, tiny_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"query": "only a query"}) + "\n")
     with pytest.raises(PissaError, match=r"bad\.jsonl line 2: missing field 'response'"):
-        SFTRecipe(config(tmp_path, tiny_dir, bad)).setup()
+        SFTRecipe(train_config(tmp_path, tiny_dir, bad)).setup()
     assert not (tmp_path / "run").exists()
 
 
 def test_init_dir_method_mismatch(tmp_path, tiny_dir, data_file):
-    from pissa.adapters import PissaConfig
-    from pissa.initialize import run_init
+    from pissa.init import PissaConfig, run_init
 
     run_init(str(tiny_dir), PissaConfig(rank=4), tmp_path / "init")
     with pytest.raises(PissaError, match="made with method 'pissa'"):
-        SFTRecipe(config(tmp_path, tiny_dir, data_file, model=None, init=str(tmp_path / "init"),
+        SFTRecipe(train_config(tmp_path, tiny_dir, data_file, model=None, init=str(tmp_path / "init"),
                          method="lora")).setup()
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from pissa.adapters import PissaConfig, init_model
 from pissa.decompose import DecompositionError, decompose
 from pissa.decompose.cur import CUROptions, cur
 from pissa.errors import PissaError
+from pissa.init import PissaConfig, init_model
 
 FAST_ROBUST = {"max_iter": 5}  # keeps model-level tests quick; the l1 tests use the defaults
 FAST_HUBER = {"solver": "huber-gd", "max_iter": 100}
@@ -322,7 +322,7 @@ def test_conv2d_pissa_converts_to_lora_on_the_original_cnn(tmp_path):
     from peft import PeftModel
 
     from pissa.convert import convert_to_lora
-    from pissa.manifest import build_manifest, write_manifest
+    from pissa.io.manifest import build_manifest, write_manifest
 
     torch.manual_seed(0)
     original = SmallCNN().eval()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -74,20 +73,6 @@ def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
-
-
-def parse_key_values(pairs: list[str], flag: str) -> dict:
-    """`["niter=4", "tol=1e-3"]` -> {"niter": 4, "tol": 0.001} (values parsed as JSON when they can be)."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise PissaError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 @app.callback()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..layout import CONVERSION_FILE
 from .app import app, console, human_bytes, layer_progress, summary_table, user_errors
 
 WORST_SHOWN = 5
@@ -56,6 +57,6 @@ def convert_command(
         rows += [(f"  {name}", f"{info['rel_err']:.3g}") for name, info in worst]
     rows += [("wall time", f"{result.seconds:.1f} s"), (str(out), human_bytes(result.size()))]
     console.print(summary_table(f"pissa convert: {trained} -> {out}", rows))
-    console.print(f"per-layer errors: {out / 'conversion.json'}")
+    console.print(f"per-layer errors: {out / CONVERSION_FILE}")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")

@@ -6,25 +6,15 @@ from pathlib import Path
 
 import typer
 
-from ..adapters import fields_help
-from ..demo import DemoConfig
+from ..report.demo import DemoConfig
 from .app import app, console, err_console, summary_table, user_errors
+from .options import config_command
 
-H = fields_help(DemoConfig)
 
-
-@app.command("demo")
+@config_command(app, "demo", {"config": (DemoConfig, ())})
 def demo_command(
+    config: DemoConfig,
     out: Path = typer.Option(Path("demo-report"), "--out", "-o", help="Report folder: report.md, PNGs, outputs."),
-    steps: int = typer.Option(30, "--steps", help=H["steps"]),
-    tiny: bool = typer.Option(False, "--tiny", help=H["tiny"]),
-    rank: int = typer.Option(8, "--rank", "-r", help=H["rank"]),
-    lr: float = typer.Option(1e-4, "--lr", help=H["lr"]),
-    batch_size: int = typer.Option(4, "--batch-size", help=H["batch_size"]),
-    test_examples: int = typer.Option(30, "--test-examples", help=H["test_examples"]),
-    max_new_tokens: int = typer.Option(96, "--max-new-tokens", help=H["max_new_tokens"]),
-    seed: int = typer.Option(0, "--seed", help=H["seed"]),
-    keep_work: bool = typer.Option(False, "--keep-work", help=H["keep_work"]),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report folder."),
 ):
     """Show the whole method in one run: init PiSSA and LoRA, train both, evaluate base / LoRA / PiSSA on
@@ -38,12 +28,9 @@ def demo_command(
 
       pissa demo --tiny --steps 2 --out /tmp/demo # a 2-layer model: seconds, for CI
     """
-    from ..demo import Demo
+    from ..report.demo import Demo
 
     with user_errors():
-        config = DemoConfig(steps=steps, tiny=tiny, rank=rank, lr=lr, batch_size=batch_size,
-                            test_examples=test_examples, max_new_tokens=max_new_tokens, seed=seed,
-                            keep_work=keep_work)
         demo = Demo(config, out, overwrite, log=err_console.print)
         report = demo.run()
     r = demo.results

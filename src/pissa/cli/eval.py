@@ -6,30 +6,22 @@ from pathlib import Path
 
 import typer
 
-from ..adapters import fields_help
-from ..evaluate import EvalConfig
+from ..eval.scoring import EvalConfig
 from .app import app, console, layer_progress, summary_table, user_errors
+from .options import config_command
 
-H = fields_help(EvalConfig)
 
-
-@app.command("eval")
+@config_command(app, "eval", {"config": (EvalConfig, ())})
 def eval_command(
+    config: EvalConfig,
     run_or_model: str = typer.Argument(
         ..., help="A `pissa init` folder, a training run or adapter folder, or a model (embedded name, folder, hub id)."
     ),
     data: str = typer.Option("arith", "--data", "-d", help="arith[:test|:train] (bundled, offline; arith = its test "
                              "split), a JSON/JSONL file, or a hub dataset NAME[@CONFIG][:SPLIT], e.g. "
                              "openai/gsm8k@main:test (needs `datasets` + network)."),
-    task: str = typer.Option("gsm8k", "--task", help=H["task"]),
     adapter: Path = typer.Option(None, "--adapter", "-a", help="A PEFT adapter folder to apply on the model."),
     out: Path = typer.Option(None, "--out", "-o", help="Results folder (default RUN/eval/<data>-<task>)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help=H["max_new_tokens"]),
-    batch_size: int = typer.Option(8, "--batch-size", help=H["batch_size"]),
-    limit: int = typer.Option(None, "--limit", help=H["limit"]),
-    max_length: int = typer.Option(1024, "--max-length", help=H["max_length"]),
-    perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help=H["perplexity"]),
-    backend: str = typer.Option("auto", "--backend", help=H["backend"]),
     dtype: str = typer.Option("auto", "--dtype", help="Load dtype: auto (as stored), bf16, fp16, fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing results folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
@@ -46,11 +38,10 @@ def eval_command(
 
       pissa eval ./my-model --data math_test.jsonl --task math --backend vllm
     """
-    from ..evalrun import run_eval
+    from ..eval import run_eval
 
+    task = config.task
     with user_errors():
-        config = EvalConfig(task=task, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
-                            max_length=max_length, perplexity=perplexity, backend=backend)
         with layer_progress("evaluating") as progress:
             result, out_dir, target = run_eval(run_or_model, data, config, adapter, out, overwrite, dtype,
                                                trust_remote_code, progress)

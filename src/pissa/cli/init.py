@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 
-from ..adapters import PissaConfig, fields_help
-from ..quant.report import quant_rows
-from .app import app, console, human_bytes, layer_progress, parse_key_values, summary_table, user_errors
+from ..init.config import PissaConfig
+from ..init.stream import StreamOptions
+from .app import app, console, human_bytes, layer_progress, summary_table, user_errors
+from .options import config_command, parse_key_values
 
-H = fields_help(PissaConfig)
 
-
-@app.command("init")
+@config_command(app, "init", {"config": (PissaConfig, ("targets", "options")), "stream": (StreamOptions, ())})
 def init_command(
+    config: PissaConfig,
+    stream: StreamOptions,
     model: str = typer.Argument(..., help="Embedded name (smollm2-135m, minilm-l6), local folder, or hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: gets residual/, adapter/, pissa.json."),
-    rank: int = typer.Option(16, "--rank", "-r", help=H["rank"]),
-    alpha: float = typer.Option(None, "--alpha", help=H["alpha"]),
-    method: str = typer.Option("pissa", "--method", "-m", help=H["method"]),
     niter: int = typer.Option(None, "--niter", help="Randomized-SVD power iterations (pissa); omit for exact SVD."),
     oversample: int = typer.Option(None, "--oversample", help="Randomized-SVD extra sketch columns (default r)."),
     components: str = typer.Option(
@@ -27,34 +26,15 @@ def init_command(
     ),
     option: list[str] = typer.Option([], "--option", help="Any other method option as KEY=VALUE (repeatable)."),
     targets: list[str] = typer.Option(
-        [], "--targets", "-t", help="Module names to adapt (repeatable); default every linear layer but the head."
+        [], "--targets", "-t", help="Module names to adapt (repeatable, or several after one flag); default every "
+                                    "linear layer but the head."
     ),
     target_regex: str = typer.Option(None, "--target-regex", help="One regex over full module names instead."),
-    rank_pattern: list[str] = typer.Option([], "--rank-pattern", help="Per-layer rank override PATTERN=RANK."),
-    use_rslora: bool = typer.Option(False, "--rslora", help=H["use_rslora"]),
-    seed: int = typer.Option(0, "--seed", help=H["seed"]),
-    adapter_dtype: str = typer.Option("float32", "--adapter-dtype", help=H["adapter_dtype"]),
-    quantize: str = typer.Option(None, "--quantize", "-q", help=H["quantize"]),
-    quant_fit: str = typer.Option("qpissa", "--quant-fit", help=H["quant_fit"]),
-    quant_iters: int = typer.Option(5, "--quant-iters", help=H["quant_iters"]),
-    double_quant: bool = typer.Option(False, "--double-quant", help=H["double_quant"]),
-    quant_storage: str = typer.Option("uint8", "--quant-storage", help=H["quant_storage"]),
-    compute_dtype: str = typer.Option(None, "--compute-dtype", help=H["compute_dtype"]),
     dtype: str = typer.Option("auto", "--dtype", help="Load and residual dtype: auto (as stored), bf16, fp16, fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
     in_memory: bool = typer.Option(
         False, "--in-memory", help="Load the whole model instead of streaming a local safetensors folder by shards."
-    ),
-    workers: int = typer.Option(1, "--workers", help="Streaming: processes that decompose shards in parallel."),
-    device: str = typer.Option("cpu", "--device", help="Streaming: where the SVDs run (cpu, cuda; each rank's GPU)."),
-    resume: bool = typer.Option(
-        True, "--resume/--restart", help="Streaming: continue an interrupted run into the same --out, or start over."
-    ),
-    batch_same_shape: bool = typer.Option(
-        None, "--batch-same-shape/--no-batch-same-shape",
-        help="Streaming: decompose a shard's same-shape weights in batched calls (default: on with --device cuda, "
-             "off on the CPU, where it costs memory).",
     ),
 ):
     """Initialise PiSSA adapters: W = W_res + B @ A, written as a residual model plus a PEFT adapter.
@@ -75,40 +55,22 @@ def init_command(
 
       pissa init smollm2-135m --rank 64 --quantize nf4 --quant-fit loftq --quant-iters 5 --out out/loftq-r64
     """
-    from ..initialize import run_init
+    from ..errors import PissaError
+    from ..init import run_init
 
     with user_errors():
         if targets and target_regex:
-            from ..errors import PissaError
-
             raise PissaError("give either --targets or --target-regex, not both")
         options = parse_key_values(option, "--option")
         for key, value in (("niter", niter), ("oversample", oversample), ("components", components)):
             if value is not None:
                 options[key] = value
-        config = PissaConfig(
-            rank=rank,
-            alpha=alpha,
-            method=method,
-            options=options,
-            targets=target_regex or (list(targets) or None),
-            rank_pattern={k: int(v) for k, v in parse_key_values(rank_pattern, "--rank-pattern").items()},
-            use_rslora=use_rslora,
-            seed=seed,
-            adapter_dtype=adapter_dtype,
-            quantize=quantize,
-            quant_fit=quant_fit,
-            quant_iters=quant_iters,
-            double_quant=double_quant,
-            quant_storage=quant_storage,
-            compute_dtype=compute_dtype,
-        )
+        config = dataclasses.replace(config, options=options, targets=target_regex or (list(targets) or None))
         with layer_progress("decomposing") as progress:
             result = run_init(model, config, out, overwrite, dtype, trust_remote_code, progress=progress,
-                              stream=False if in_memory else None, workers=workers, device=device, resume=resume,
-                              batch=batch_same_shape)
+                              stream=False if in_memory else None, workers=stream.workers, device=stream.device,
+                              resume=stream.resume, batch=stream.batch)
     summary = result.manifest["summary"]
-    sizes = result.sizes()
     console.print(summary_table(f"pissa init: {model} -> {out}", [
         ("method", f"{config.method} {config.options or ''}".strip()),
         ("layers", str(summary["layers"])),
@@ -118,7 +80,7 @@ def init_command(
         *quant_rows(result.manifest),
         *stream_rows(result.manifest),
         ("wall time", f"{result.seconds:.1f} s"),
-        *[(f"{out / name}", human_bytes(size)) for name, size in sizes.items()],
+        *[(f"{out / name}", human_bytes(size)) for name, size in result.sizes().items()],
     ]))
 
 
@@ -128,6 +90,23 @@ def recon_row(config: PissaConfig, summary: dict) -> tuple[str, str]:
     if config.quantize is not None and config.quant_fit == "loftq":
         return ("max |residual + BA - W|", f"{err} (LoftQ fits Q(residual) + BA ~ W instead; see quant error)")
     return ("max reconstruction error", f"{err} (after cast to storage dtype)")
+
+
+def quant_rows(manifest: dict) -> list[tuple[str, str]]:
+    """Summary-table rows of a `pissa init --quantize` manifest (none without quantization)."""
+    record = manifest.get("quantization")
+    if not record:
+        return []
+    reductions = [info["quant"]["reduction_fro_pct"] for info in manifest["layers"].values()]
+    dq = "on" if record["double_quant"] else "off"
+    return [
+        ("quantization", f"{record.get('fit', 'qpissa')} fit, {record['quant_type']} from {record['dtype']}, "
+                         f"T={record['iters']}, double quant {dq}, blocksize {record['blocksize']}, "
+                         f"compute {record['compute_dtype']}"),
+        ("quant error vs QLoRA", f"{sum(reductions) / len(reductions):.1f}% lower (Frobenius, mean over layers; "
+                                 f"min {min(reductions):.1f}%, max {max(reductions):.1f}%)"),
+        ("load in 4-bit with", "from_pretrained(OUT/residual, **pissa.quant.load_kwargs(OUT/residual))"),
+    ]
 
 
 def stream_rows(manifest: dict) -> list[tuple[str, str]]:

@@ -29,7 +29,7 @@ def merge_command(
 
       pissa merge runs/smol/adapter --base out/smol-r16 --out out/smol-merged
     """
-    from ..merge import merge_adapter
+    from ..convert import merge_adapter
 
     with user_errors(), layer_progress("merging") as progress:
         result = merge_adapter(adapter, base, out, overwrite, progress)

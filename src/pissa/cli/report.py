@@ -27,11 +27,11 @@ def report_command(
 
       pissa report runs/*/ --out all-runs --title "rank sweep" --overwrite
     """
-    from ..report import eval_rows, load_runs, write_report
+    from ..report.runs import eval_rows, load_runs, write_run_report
 
     with user_errors():
         loaded = load_runs(runs)
-        path = write_report(loaded, out, title=title, overwrite=overwrite)
+        path = write_run_report(loaded, out, title=title, overwrite=overwrite)
     files = sorted(p.name for p in path.parent.iterdir() if p.is_file())
     rows = [("runs", ", ".join(run.name for run in loaded)),
             ("training logs", str(sum(bool(run.log) for run in loaded))),

@@ -4,53 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
-
-from ..adapters import fields_help
-from ..train import TrainConfig
+from ..train.config import TrainConfig
 from .app import app, console, err_console, human_bytes, summary_table, user_errors
+from .options import config_command
 
-H = fields_help(TrainConfig)
 
-
-@app.command("train")
-def train_command(
-    out: Path = typer.Option(..., "--out", "-o", help=H["out"]),
-    model: str = typer.Option(None, "--model", help=H["model"]),
-    init: str = typer.Option(None, "--init", help=H["init"]),
-    method: str = typer.Option(None, "--method", "-m", help=H["method"]),
-    dora: bool = typer.Option(False, "--dora", help=H["dora"]),
-    train_singular_values: bool = typer.Option(False, "--train-singular-values", help=H["train_singular_values"]),
-    orth_reg_weight: float = typer.Option(0.1, "--orth-reg-weight", help=H["orth_reg_weight"]),
-    data: str = typer.Option("arith", "--data", "-d", help=H["data"]),
-    limit: int = typer.Option(None, "--limit", help=H["limit"]),
-    max_length: int = typer.Option(512, "--max-length", help=H["max_length"]),
-    rank: int = typer.Option(16, "--rank", "-r", help=H["rank"]),
-    alpha: float = typer.Option(None, "--alpha", help=H["alpha"]),
-    targets: list[str] = typer.Option([], "--targets", "-t", help=H["targets"] + " Repeatable."),
-    niter: int = typer.Option(None, "--niter", help=H["niter"]),
-    quant_type: str = typer.Option("nf4", "--quant-type", help=H["quant_type"]),
-    quant_iters: int = typer.Option(5, "--quant-iters", help=H["quant_iters"]),
-    lr: float = typer.Option(2e-5, "--lr", help=H["lr"]),
-    scheduler: str = typer.Option("cosine", "--scheduler", help=H["scheduler"]),
-    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help=H["warmup_ratio"]),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help=H["weight_decay"]),
-    epochs: float = typer.Option(1.0, "--epochs", help=H["epochs"]),
-    max_steps: int = typer.Option(-1, "--max-steps", help=H["max_steps"]),
-    batch_size: int = typer.Option(4, "--batch-size", "-b", help=H["batch_size"]),
-    grad_accum: int = typer.Option(1, "--grad-accum", help=H["grad_accum"]),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help=H["max_grad_norm"]),
-    precision: str = typer.Option("fp32", "--precision", help=H["precision"]),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=H["gradient_checkpointing"]),
-    seed: int = typer.Option(0, "--seed", help=H["seed"]),
-    save_steps: int = typer.Option(0, "--save-steps", help=H["save_steps"]),
-    save_total_limit: int = typer.Option(2, "--save-total-limit", help=H["save_total_limit"]),
-    save_residual: bool = typer.Option(True, "--save-residual/--no-save-residual", help=H["save_residual"]),
-    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help=H["tensorboard"]),
-    convert_at_end: bool = typer.Option(False, "--convert-at-end", help=H["convert_at_end"]),
-    resume: bool = typer.Option(False, "--resume", help=H["resume"]),
-    overwrite: bool = typer.Option(False, "--overwrite", help=H["overwrite"]),
-):
+@config_command(app, "train", {"config": (TrainConfig, ())})
+def train_command(config: TrainConfig):
     """Fine-tune with the loss on response tokens only; paper defaults (AdamW, lr 2e-5, cosine, warmup 0.03).
 
     Examples:
@@ -74,18 +34,8 @@ def train_command(
     """
     from ..train import SFTRecipe
 
+    out = Path(config.out)
     with user_errors():
-        config = TrainConfig(
-            out=str(out), model=model, init=init, method=method, dora=dora,
-            train_singular_values=train_singular_values, orth_reg_weight=orth_reg_weight, data=data, limit=limit,
-            max_length=max_length, rank=rank, alpha=alpha, targets=list(targets) or None, niter=niter,
-            quant_type=quant_type, quant_iters=quant_iters, lr=lr,
-            scheduler=scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay, epochs=epochs,
-            max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
-            precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed, save_steps=save_steps,
-            save_total_limit=save_total_limit, save_residual=save_residual, tensorboard=tensorboard,
-            convert_at_end=convert_at_end, resume=resume, overwrite=overwrite,
-        )
         with step_progress() as progress:
             recipe = SFTRecipe(config, progress=progress)
             summary = recipe.run()
@@ -94,7 +44,7 @@ def train_command(
 
 
 def summary_rows(summary: dict, out: Path) -> list[tuple[str, str]]:
-    from ..checkpoint.atomic import dir_size
+    from ..io.atomic import dir_size
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)

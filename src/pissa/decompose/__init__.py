@@ -15,20 +15,22 @@ from .base import (
     decompose_batch,
     get_method,
     layer_seed,
-    lora_scale,
     make_options,
     register,
 )
+from .linalg import balanced, factored_svd, lora_scale
 from .svd import randomized_svd
 
 __all__ = [
     "METHODS",
+    "balanced",
     "DecompositionError",
     "Factors",
     "Method",
     "check_weight",
     "decompose",
     "decompose_batch",
+    "factored_svd",
     "get_method",
     "layer_seed",
     "lora_scale",

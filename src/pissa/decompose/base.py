@@ -1,10 +1,7 @@
 """The decomposition registry: named methods with typed options, one entry point.
 
-Orientation (PEFT's, used everywhere in pissa):
-    W        (out, in)   the frozen base weight, y = x @ W.T
-    lora_A   (r, in)
-    lora_B   (out, r)
-    update = scale * B @ A,  scale = alpha / r  (alpha / sqrt(r) with rsLoRA)
+Orientation is PEFT's (pissa.layout states it): W (out, in), lora_A (r, in), lora_B (out, r), and
+the update is scale * B @ A with scale = alpha / r (alpha / sqrt(r) with rsLoRA; see `lora_scale`).
 
 A method returns the unscaled low-rank part it extracts from W as (B, A) with B @ A ~ part of W.
 `decompose` divides both factors by sqrt(scale), so `scale * B @ A` is still that part, then
@@ -101,11 +98,6 @@ def make_options(method: str, options: dict | None = None):
         valid = ", ".join(sorted(known)) or "none"
         raise DecompositionError(f"method {method!r} has no option {', '.join(unknown)}; its options are: {valid}")
     return m.options(**options)
-
-
-def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
-    """PEFT's scaling of the LoRA update: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def check_weight(W: torch.Tensor, rank: int, name: str = "weight") -> None:

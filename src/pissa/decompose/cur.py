@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from .base import DecompositionError, register
+from .linalg import balanced
 
 
 @dataclass
@@ -58,16 +59,6 @@ def sample_by_norm(sq_norms: torch.Tensor, k: int, generator: torch.Generator) -
     p = p / total if total > 0 else torch.ones_like(p)
     p = p.clamp_min(1e-30)
     return torch.multinomial(p, k, replacement=False, generator=generator).sort().values
-
-
-def balanced(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-factor B @ A (out, r) @ (r, in) as (Q_B U sqrt(S), sqrt(S) V^T Q_A^T): same product,
-    orthogonal columns and equal factor norms, like PiSSA's factors."""
-    Qb, Rb = torch.linalg.qr(B)  # (out, r), (r, r)
-    Qa, Ra = torch.linalg.qr(A.T)  # (in, r), (r, r)
-    Uc, S, Vhc = torch.linalg.svd(Rb @ Ra.T)  # (r, r), (r,), (r, r)
-    root = S.sqrt()  # (r,)
-    return Qb @ (Uc * root), (root[:, None] * Vhc) @ Qa.T  # (out, r), (r, in)
 
 
 @register("cur", CUROptions, "CURA: adapter = CUR decomposition (norm-sampled rows/columns), residual frozen.")

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from .base import DecompositionError, register
-from .cur import balanced
+from .linalg import balanced
 
 
 @dataclass

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..dtypes import parse_dtype
 from ..errors import PissaError
-from ..models import parse_dtype
 
 INSTALL_HINT = "pip install 'pissa[quant]'  (or: pip install bitsandbytes)"
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

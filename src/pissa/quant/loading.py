@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import parse_dtype
+from ..dtypes import parse_dtype
 from .formats import QuantizationError, QuantSpec, digest, require_bnb, storage_dtype
 
 CONFIG_KEY = "pissa_quantization"
@@ -142,14 +142,3 @@ def check_quantized_model(model: nn.Module, record: dict, layers: dict[str, dict
             )
     computes = {str(m.compute_dtype).removeprefix("torch.") for m in modules.values()}
     return {"layers": len(layers), "compute_dtype": sorted(computes)}
-
-
-def check_quantized_output(model: nn.Module, out: str | Path) -> dict:
-    """check_quantized_model against a `pissa init --quantize` output folder (reads pissa.json)."""
-    from ..manifest import read_manifest
-
-    manifest = read_manifest(out)
-    record = manifest.get("quantization")
-    if not record:
-        raise QuantizationError(f"{out} was not written by `pissa init --quantize`; nothing to check")
-    return check_quantized_model(model, record, manifest["layers"])

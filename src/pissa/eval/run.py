@@ -1,0 +1,212 @@
+"""`pissa eval` as a library call: resolve what to evaluate (a model, a `pissa init` folder, a
+training run, or an adapter), check the adapter fits the model, evaluate, and write the results
+atomically:
+
+    OUT/eval.json          accuracy, perplexity, counts, what was evaluated and how
+    OUT/predictions.jsonl  one line per example: prompt, output, extracted, gold, correct
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import PissaError
+from ..io.adapter_files import lora_pairs, read_adapter_config, read_lora_form
+from ..io.atomic import atomic_output_dir, check_output_dir
+from ..layout import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_DIR,
+    MANIFEST_FILE,
+    MODEL_CONFIG_FILE,
+    RUN_CONFIG_FILE,
+    RUN_EVAL_DIR,
+    InitDir,
+    RunDir,
+    init_of_residual,
+    is_init_dir,
+    is_run_dir,
+    matrix_shape,
+)
+from ..models import load_tokenizer
+from .data import load_eval_examples
+from .generate import Progress, generate_vllm, vllm_available
+from .scoring import EvalConfig, EvalResult, evaluate, write_results
+
+
+@dataclass
+class Target:
+    """What to evaluate: a base model (name, folder or hub id) and optionally a PEFT adapter folder."""
+
+    model: str
+    adapter: Path | None
+    kind: str  # model | init | run | adapter
+
+
+def find_adapter(folder: Path) -> Path | None:
+    """The PEFT adapter folder of a run or init output: the folder itself, or adapter/, final/ ... inside."""
+    for candidate in (folder, folder / ADAPTER_DIR, folder / "final" / ADAPTER_DIR, folder / "final"):
+        if (candidate / ADAPTER_CONFIG_FILE).exists():
+            return candidate
+    return None
+
+
+def resolve_target(spec: str, adapter: str | Path | None = None) -> Target:
+    """RUN_OR_MODEL (+ --adapter) -> the base model to load and the adapter to apply on it."""
+    path = Path(spec).expanduser()
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / ADAPTER_CONFIG_FILE).exists():
+            raise PissaError(f"--adapter {adapter} is not a PEFT adapter folder (no {ADAPTER_CONFIG_FILE})")
+        if is_init_dir(path):
+            return Target(str(InitDir(path).residual), adapter, "init")  # a trained PiSSA adapter on its residual
+        return Target(spec, adapter, "adapter")
+    if path.is_dir() and is_init_dir(path):
+        return Target(str(InitDir(path).residual), InitDir(path).adapter, "init")
+    if path.is_dir() and is_run_dir(path):
+        return run_target(RunDir(path))
+    if path.is_dir() and not (path / MODEL_CONFIG_FILE).exists():
+        found = find_adapter(path)
+        if found is None:
+            raise PissaError(f"{path} is neither a model folder ({MODEL_CONFIG_FILE}), a `pissa init` output "
+                             f"({MANIFEST_FILE}), a training run ({RUN_CONFIG_FILE}), nor an adapter folder "
+                             f"({ADAPTER_CONFIG_FILE})")
+        base = read_adapter_config(found).get("base_model_name_or_path")
+        if not base:
+            raise PissaError(f"{found}/{ADAPTER_CONFIG_FILE} names no base_model_name_or_path; pass the base model "
+                             f"as RUN_OR_MODEL and the adapter with --adapter {found}")
+        return Target(base, found, "adapter")
+    return Target(spec, None, "model")
+
+
+def run_target(run: RunDir) -> Target:
+    """A `pissa train` run: its adapter on the base it trained on (the residual for PiSSA)."""
+    import yaml
+
+    config = yaml.safe_load(run.config.read_text()) or {}
+    if run.model.is_dir() and not run.adapter.is_dir():  # --method full
+        return Target(str(run.model), None, "run")
+    if not (run.adapter / ADAPTER_CONFIG_FILE).exists():
+        raise PissaError(f"run {run.root} has no trained adapter/ yet (did the run finish?); evaluate it once it has")
+    if run.residual.is_dir():
+        base = str(run.residual)
+    elif run.init.residual.is_dir():  # a quantized method with --model: the 4-bit init it wrote first
+        base = str(run.init.residual)
+    elif config.get("init"):
+        base = str(InitDir(Path(config["init"])).residual)
+    elif run.init.exists():  # its initial adapter was kept: the trained one needs the run's residual
+        raise PissaError(f"run {run.root} trained a PiSSA adapter but kept no residual/ (--no-save-residual); "
+                         f"evaluate its converted LoRA, or pass the residual as RUN_OR_MODEL with --adapter")
+    else:
+        base = config["model"]
+    return Target(base, run.adapter, "run")
+
+
+def check_adapter_fits(model, adapter: Path, model_name: str) -> None:
+    """Refuse an adapter whose layers are missing from the model or have other shapes."""
+    _, state = read_lora_form(adapter)
+    modules = dict(model.named_modules())
+    for name, (A, B) in lora_pairs(state).items():
+        module = modules.get(name)
+        if module is None or not hasattr(module, "weight"):
+            raise PissaError(f"adapter {adapter} adapts layer {name}, which model {model_name} does not have; "
+                             f"evaluate it on the base model it was trained on")
+        out_features, in_features = matrix_shape(module)
+        if A.flatten(1).shape[1] != in_features or B.shape[0] != out_features:
+            raise PissaError(f"adapter {adapter} layer {name} is {B.shape[0]}x{A.flatten(1).shape[1]} but model "
+                             f"{model_name} has {out_features}x{in_features}; evaluate it on the base model it was "
+                             "trained on")
+
+
+def check_pissa_base(target: Target) -> None:
+    """Refuse a PiSSA adapter on anything but its residual: on the original model the principal
+    part would count twice (shapes match, so nothing else would notice)."""
+    from ..models import resolve_model
+
+    residual = Path(read_adapter_config(target.adapter).get("base_model_name_or_path") or "")
+    init = init_of_residual(residual)
+    if init is None:
+        return  # not a PiSSA adapter from a `pissa init` folder (LoRA, converted, or moved)
+    if residual.resolve() != Path(resolve_model(target.model)).resolve():
+        raise PissaError(f"adapter {target.adapter} is a PiSSA adapter for the residual model {residual}, not for "
+                         f"{target.model}; evaluate it on that residual (pass {init} as RUN_OR_MODEL), or "
+                         f"convert it to a LoRA for the original model with `pissa convert`")
+
+
+def load_target(target: Target, dtype: str = "auto", trust_remote_code: bool = False):
+    """(model with the adapter applied, tokenizer) ready to evaluate."""
+    from ..models import load_model
+
+    init = quantized_init_of(target.model)
+    if init is not None:  # the residual of `pissa init --quantize`: it loads in 4-bit, as it was trained
+        from ..init.load import load_quantized_residual
+
+        model = load_quantized_residual(init, "cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = load_tokenizer(InitDir(init).residual)
+    else:
+        model, tokenizer, _ = load_model(target.model, dtype, trust_remote_code)
+    if tokenizer is None and target.adapter is not None:
+        tokenizer = load_tokenizer(target.adapter)
+    if tokenizer is None:
+        raise PissaError(f"model {target.model} has no tokenizer files; evaluation needs its tokenizer")
+    if target.adapter is not None:
+        from peft import PeftModel
+
+        check_adapter_fits(model, target.adapter, target.model)
+        check_pissa_base(target)
+        model = PeftModel.from_pretrained(model, str(target.adapter))
+    return model.eval(), tokenizer
+
+
+def quantized_init_of(model: str) -> Path | None:
+    """The `pissa init --quantize` folder when `model` is its residual, else None."""
+    from ..init.load import is_quantized_init
+
+    init = init_of_residual(model)
+    return init if init is not None and is_quantized_init(init) else None
+
+
+def default_out(target: Target, data: str, task: str) -> Path:
+    """Runs and init folders keep their results inside: RUN/eval/<data>-<task>; else ./eval-<name>-<task>."""
+    label = Path(data.replace(":", "-")).stem
+    spec = Path(target.model)
+    if target.kind in ("run", "init", "adapter") and target.adapter is not None:
+        root = target.adapter.parent if target.adapter.name in (ADAPTER_DIR, "final") else target.adapter
+        return root / RUN_EVAL_DIR / f"{label}-{task}"
+    return Path(f"eval-{spec.name}-{label}-{task}")
+
+
+def run_eval(
+    spec: str,
+    data: str,
+    config: EvalConfig,
+    adapter: str | Path | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> tuple[EvalResult, Path, Target]:
+    """Evaluate RUN_OR_MODEL on `data` and write OUT/{eval.json, predictions.jsonl}."""
+    target = resolve_target(spec, adapter)
+    out = check_output_dir(out or default_out(target, data, config.task), overwrite)
+    examples = load_eval_examples(data, config.limit)
+    backend = config.backend
+    if backend == "vllm" or (backend == "auto" and vllm_available()):
+        backend = "vllm"
+    model, tokenizer = load_target(target, dtype, trust_remote_code)
+    generate = None
+    if backend == "vllm":
+        from ..models import resolve_model
+
+        def generate(prompt_ids):
+            return generate_vllm(resolve_model(target.model), target.adapter, prompt_ids, config.max_new_tokens)
+
+    result = evaluate(model, tokenizer, examples, config, progress, generate=generate)
+    meta = {"model": target.model, "adapter": str(target.adapter) if target.adapter else None, "kind": target.kind,
+            "data": data, "config": config.to_dict()}
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_results(tmp, result, meta)
+    return result, out, target

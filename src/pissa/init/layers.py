@@ -1,0 +1,128 @@
+"""In-memory PiSSA init of a live `transformers` model through PEFT.
+
+Targets are matched with PEFT's own matcher (`init.targets`), so the set we decompose is exactly the
+set PEFT wraps. Each targeted weight is viewed as its (out, in) matrix (`pissa.layout` says how for
+each layer kind), decomposed in fp32 (`pissa.decompose`); A and B go into the LoRA layers and the
+residual replaces the base weight, in the layer's own layout. For a Conv2d, PEFT's conv LoRA is
+lora_A = Conv2d(in, r, k) holding A reshaped to (r, in, kh, kw) and lora_B = Conv2d(r, out, 1)
+holding B (out, r, 1, 1), so its update is exactly B @ A folded back into the kernel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..decompose import decompose, layer_seed
+from ..dtypes import parse_dtype
+from ..layout import kind_of
+from ..models import check_not_quantized
+from .config import PissaConfig
+from .targets import check_targets, lora_config, resolve_targets
+
+ADAPTER_NAME = "default"
+
+
+def set_factors_(layer, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Write A (r, in) and B (out, r) into a PEFT LoRA layer in its layout (Linear, Conv2d, Embedding)."""
+    if ADAPTER_NAME in getattr(layer, "lora_embedding_A", {}):
+        layer.lora_embedding_A[ADAPTER_NAME].data = A  # (r, num)
+        layer.lora_embedding_B[ADAPTER_NAME].data = B  # (dim, r)
+        return
+    lora_A, lora_B = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
+    lora_A.weight.data = A.reshape(lora_A.weight.shape)  # (r, in) or conv (r, in, kh, kw)
+    lora_B.weight.data = B.reshape(lora_B.weight.shape)  # (out, r) or conv (out, r, 1, 1)
+
+
+def init_model(
+    model: nn.Module,
+    config: PissaConfig | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    dora: bool = False,
+):
+    """Wrap `model` (in place) with PEFT LoRA layers initialised by `config.method`.
+
+    Returns (PeftModel, report) where report maps each layer name to its decomposition info.
+    `progress(done, total, layer_name)` is called after each layer. The model's outputs are unchanged:
+    base weight = residual, and scale * B @ A = what was removed. With `dora`, DoRA's magnitude is set
+    after the init to the column norms of W_res + scale B A = W, which keeps the outputs unchanged too.
+    """
+    from peft import get_peft_model
+
+    config = config or PissaConfig()
+    check_not_quantized(model)
+    ranks = resolve_targets(model, config)
+    check_targets(model, ranks)
+    peft_config = lora_config(config, model, list(ranks))
+    peft_config.use_dora = dora
+    peft_model = get_peft_model(model, peft_config)
+    report = {}
+    modules = dict(peft_model.base_model.model.named_modules())
+    for done, name in enumerate(ranks, 1):
+        report[name] = init_layer_(modules[name], name, config)
+        if progress:
+            progress(done, len(ranks), name)
+    if dora:
+        refresh_dora_magnitude_(peft_model)
+    return peft_model, report
+
+
+@torch.no_grad()
+def refresh_dora_magnitude_(peft_model) -> None:
+    """Set (in place) each DoRA magnitude vector to the column norms of base + scale * B @ A."""
+    for module in peft_model.modules():
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if magnitudes is None or ADAPTER_NAME not in magnitudes:
+            continue
+        magnitudes[ADAPTER_NAME].update_layer(
+            base_layer=module.get_base_layer(), lora_A=module.lora_A[ADAPTER_NAME].weight,
+            lora_B=module.lora_B[ADAPTER_NAME].weight, scaling=module.scaling[ADAPTER_NAME])
+
+
+def decompose_weight(W: torch.Tensor, name: str, config: PissaConfig, rank: int, scale: float):
+    """Decompose one layer's (out, in) weight per `config`: the single per-tensor entry point
+    shared by the in-memory and streaming paths, so both give the same tensors.
+    With `config.quantize` set it runs QPiSSA or LoftQ (`config.quant_fit`, pissa.quant), fitting
+    against the quantized residual."""
+    # MKL's GEMM/LAPACK bits depend on the data's address alignment: an fp32 weight mmap'd from a
+    # file, loaded by transformers or read into a fresh buffer would otherwise decompose to
+    # different last bits. A fresh (allocator-aligned) copy makes the result depend on values only.
+    # Other dtypes are copied anyway by the fp32 cast inside the decomposition.
+    W = W.detach().clone() if W.dtype == torch.float32 else W
+    if config.quantize is not None:
+        from .quantized import quantized_decompose
+
+        return quantized_decompose(W, name, config, rank, scale)
+    return decompose(
+        W,
+        config.method,
+        rank,
+        scale=scale,
+        options=config.options,
+        seed=layer_seed(config.seed, name),
+        adapter_dtype=parse_dtype(config.adapter_dtype),
+        name=f"{name}.weight",
+    )
+
+
+@torch.no_grad()
+def init_layer_(layer, name: str, config: PissaConfig) -> dict:
+    """Decompose one PEFT LoRA layer's base weight in place; returns its info."""
+    start = time.perf_counter()
+    base = layer.get_base_layer()
+    kind = kind_of(base)
+    W = kind.to_matrix(base.weight)  # (out, in)
+    factors = decompose_weight(W, name, config, layer.r[ADAPTER_NAME], layer.scaling[ADAPTER_NAME])
+    set_factors_(layer, factors.A, factors.B)  # A (r, in), B (out, r)
+    base.weight.data = kind.from_matrix(factors.residual, base.weight.shape)
+    return {**factors.info, "seconds": time.perf_counter() - start}
+
+
+def residual_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The base model's state dict with the residual weights under their original names."""
+    state = peft_model.get_base_model().state_dict()
+    adapter_parts = (".lora_", ".ranknum.")  # ranknum: AdaLoRA's (not saved) rank buffer
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if not any(p in k for p in adapter_parts)}

@@ -1,0 +1,100 @@
+"""Which checkpoint tensors to decompose, decided without loading any weights.
+
+The model is instantiated on the `meta` device from its config, so PEFT's own matcher
+(`init.targets.resolve_targets`) picks the modules, exactly as it would on the loaded model; tied
+embeddings and GPT-2 Conv1D layers are detected from the module graph. Each targeted module is
+then mapped to its tensor in the checkpoint, and shapes, dtypes and ranks are checked against the
+shard headers, so a bad target is refused before any output is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..decompose import lora_scale
+from ..errors import PissaError
+from ..io.reader import CheckpointReader, TensorEntry
+from ..layout import LayerKind, kind_of
+from ..models import check_not_quantized, meta_model
+from .config import PissaConfig
+from .targets import check_tied, embeddings_saved, lora_config, resolve_targets
+
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight to decompose: where PEFT puts its adapter, how it scales it, and how it is stored."""
+
+    module: str  # the module name PEFT uses in adapter keys
+    rank: int
+    scale: float
+    kind: LayerKind  # how the stored tensor maps to the (out, in) matrix and back
+    save_base: bool = False  # PEFT also saves a targeted embedding's base weight in the adapter
+
+
+@dataclass
+class Plan:
+    reader: CheckpointReader
+    targets: dict[str, Target]  # checkpoint tensor name -> target, in model module order
+    lora: object  # peft.LoraConfig equal to the one the in-memory path builds
+    model_class: type
+
+
+def tensor_key(module: str, reader: CheckpointReader, prefix: str) -> str | None:
+    """The checkpoint name of `module`'s weight, allowing the base-model prefix to differ."""
+    candidates = [f"{module}.weight"]
+    if prefix:
+        candidates += [f"{prefix}.{module}.weight", f"{module.removeprefix(prefix + '.')}.weight"]
+    return next((k for k in candidates if k in reader.weight_map), None)
+
+
+def check_entry(entry: TensorEntry, param_shape: tuple[int, ...], rank: int, target: Target) -> None:
+    """Refuse a target whose stored tensor the decomposition cannot take, naming it."""
+    if entry.dtype not in FLOAT_CODES:
+        raise PissaError(
+            f"{entry.name} is stored as {entry.dtype}, which PiSSA cannot decompose (quantized checkpoint?); "
+            "give the unquantized fp32/bf16/fp16 checkpoint"
+        )
+    if entry.shape != param_shape:
+        raise PissaError(
+            f"{entry.name} has shape {entry.shape} in the checkpoint but the model config expects {param_shape}; "
+            "the config.json does not match the weights"
+        )
+    out_dim, in_dim = target.kind.to_matrix(torch.empty(entry.shape, device="meta")).shape
+    if rank > min(out_dim, in_dim):
+        raise PissaError(
+            f"{entry.name}: rank {rank} exceeds min(out, in) = {min(out_dim, in_dim)}; "
+            "lower --rank or override it for this layer with --rank-pattern"
+        )
+
+
+def make_plan(folder: str | Path, config: PissaConfig, trust_remote_code: bool = False) -> Plan:
+    """Validate the checkpoint and resolve every target to a tensor, rank and scale."""
+    folder = Path(folder)
+    reader = CheckpointReader(folder)
+    model = meta_model(folder, trust_remote_code)
+    check_not_quantized(model)
+    ranks = resolve_targets(model, config)
+    check_tied(model, ranks)
+    modules = dict(model.named_modules())
+    lora = lora_config(config, model, list(ranks))
+    save_base = embeddings_saved(model, lora, ranks)
+    targets = {}
+    for name, rank in ranks.items():
+        key = tensor_key(name, reader, getattr(model, "base_model_prefix", ""))
+        if key is None:
+            raise PissaError(
+                f"layer {name} has no weight tensor {name}.weight in {folder}; the checkpoint's tensor names do "
+                "not match its config (converted with other names?); re-export it with save_pretrained or pass "
+                "--in-memory"
+            )
+        module = modules[name]
+        scale = lora_scale(config.alpha_for(rank), rank, config.use_rslora)
+        target = Target(name, rank, scale, kind_of(module), name in save_base)
+        check_entry(reader.entry(key), tuple(module.weight.shape), rank, target)
+        targets[key] = target
+    return Plan(reader, targets, lora, type(model))

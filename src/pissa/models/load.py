@@ -1,0 +1,108 @@
+"""Resolve what the user typed as a model (embedded name, local folder, or Hugging Face id) and
+load it with stock transformers. Never sets trust_remote_code unless the user asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..dtypes import parse_dtype
+from ..errors import PissaError
+from ..layout import MODEL_CONFIG_FILE
+from .embedded import EMBEDDED, is_embedded, resolve_embedded
+
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or spec.endswith(".safetensors")
+
+
+def resolve_model(spec: str | Path) -> str:
+    """A local folder (embedded models are converted on first use) or a hub id, as a string."""
+    spec = str(spec)
+    if is_embedded(spec):
+        return str(resolve_embedded(spec))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / MODEL_CONFIG_FILE).exists():
+            raise PissaError(f"model folder {path} has no {MODEL_CONFIG_FILE}; point at a Hugging Face model folder")
+        return str(path)
+    if looks_like_path(spec):
+        raise PissaError(
+            f"model path {spec} does not exist; give a local folder, a hub id, or an embedded name "
+            f"({', '.join(EMBEDDED)})"
+        )
+    return spec  # a hub id; from_pretrained reports if it cannot be reached
+
+
+def is_causal_lm(config) -> bool:
+    return any(a.endswith(CAUSAL_LM_SUFFIXES) for a in (config.architectures or []))
+
+
+def is_causal_lm_model(model) -> bool:
+    """A loaded causal LM; a model built from a config has no `architectures`, so its class also counts."""
+    config = getattr(model, "config", None)
+    return type(model).__name__.endswith(CAUSAL_LM_SUFFIXES) or (config is not None and is_causal_lm(config))
+
+
+def read_config(spec: str | Path, trust_remote_code: bool = False):
+    """The transformers config of a resolved model, refusing what cannot be read with one line."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PissaError(
+            f"could not load model {spec!r}: not a local folder, an embedded name ({', '.join(EMBEDDED)}), "
+            f"or a reachable hub id ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from e
+
+
+def model_class(config):
+    """Causal LMs load with their LM head, other architectures (BERT, ...) as the bare AutoModel."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+
+
+def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False):
+    """Load (model, tokenizer or None, resolved path) with stock transformers; `dtype="auto"` keeps the
+    checkpoint's dtype."""
+    path = resolve_model(spec)
+    config = read_config(path, trust_remote_code)
+    torch_dtype = dtype if dtype == "auto" else parse_dtype(dtype)
+    model = model_class(config).from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return model, load_tokenizer(path, trust_remote_code=trust_remote_code), path
+
+
+def meta_model(folder: str | Path, trust_remote_code: bool = False):
+    """The model built from `folder`'s config on the meta device (no memory, no weights)."""
+    config = read_config(folder, trust_remote_code)
+    with torch.device("meta"):
+        return model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: str | Path, required_for: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer saved beside a model or adapter; None when there is none, unless `required_for`
+    names what needs it (then a PissaError says so)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if required_for is None:
+            return None
+        raise PissaError(f"could not load a tokenizer from {path} ({e.__class__.__name__}); {required_for} needs "
+                         "the model's tokenizer files beside its weights") from e
+
+
+def check_not_quantized(model) -> None:
+    """PiSSA decomposes full-precision weights; refuse a model whose weights are already quantized."""
+    quant = getattr(model, "hf_quantizer", None) or getattr(getattr(model, "config", None), "quantization_config", None)
+    if quant is not None:
+        raise PissaError(
+            "the model's weights are already quantized; PiSSA needs the full-precision weights. Load the "
+            "unquantized checkpoint (QPiSSA quantizes the residual after the decomposition)"
+        )

@@ -1,0 +1,310 @@
+"""The SFT recipe behind `pissa train`: one readable class, setup -> train -> save.
+
+It runs on `transformers.Trainer` + PEFT, so `accelerate launch` / `torchrun` (DDP, FSDP,
+DeepSpeed) work with no code change. Two ways in:
+
+- `--init DIR`: a `pissa init` output. The residual model and the adapter load as stock
+  artefacts (`AutoModelForCausalLM` + `PeftModel.from_pretrained(is_trainable=True)`); no SVD.
+- `--model MODEL --method M`: the adapter is initialised on the fly, in memory (`pissa.init`), with
+  the same per-layer seeds as `pissa init`, so both give the same run.
+
+A run folder holds (pissa.layout.RunDir names them):
+    train_config.yaml    the resolved config; its first line is the command that repeats the run
+    checkpoints/         Trainer checkpoints (adapter + optimizer + scheduler + RNG) for --resume
+    log.jsonl, log.csv   loss, grad norm, lr, tokens and tokens/s per step; tensorboard/ the same
+    adapter/             the trained PEFT adapter (model/ for --method full)
+    residual/, init/     with --model and a PiSSA-style method: the frozen residual base the adapter needs,
+                         and a `pissa init`-style folder with the initial A, B (what `pissa convert` reads);
+                         quantized methods with --model write the whole init (residual inside) to init/ first
+    lora/                with --convert-at-end: the trained adapter as a rank-2r LoRA on the original base
+    loss.png, summary.json
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import PissaError
+from ..init import ADAPTER_NAME, PissaConfig, init_model
+from ..io.manifest import read_manifest
+from ..layout import RunDir
+from .config import RESUME_FREE, TrainConfig
+from .methods import TrainMethod, get_train_method, method_of_init
+from .save import RunWriter
+
+
+class SFTRecipe:
+    """Supervised fine-tuning with the loss on response tokens: `setup()`, `train()`, `save()`.
+
+    `callbacks` are extra TrainerCallbacks; `progress(step, max_steps, loss)` is called per step.
+    """
+
+    def __init__(self, config: TrainConfig, callbacks=(), progress=None):
+        self.config = config
+        self.out = Path(config.out)
+        self.run_dir = RunDir(self.out)
+        self.callbacks = list(callbacks)
+        self.progress = progress
+        self.method: TrainMethod | None = None
+        self.args = None  # transformers.TrainingArguments
+        self.tokenizer = None
+        self.dataset = None
+        self.model = None
+        self.trainer = None
+        self.model_path: str | None = None  # the resolved --model
+        self.init_report: dict = {}  # --model: per-layer decomposition info of the on-the-fly init
+        self.initial_adapter: dict[str, torch.Tensor] = {}  # --model: A, B as initialised (for pissa convert)
+        self.initial_config = None  # --model: the initial LoraConfig
+        self.train_output = None
+        self.train_seconds = 0.0
+
+    # --- setup -----------------------------------------------------------------------------------
+
+    def setup(self) -> SFTRecipe:
+        """Check the run folder, load model + adapter + data, and build the Trainer."""
+        from accelerate import PartialState
+
+        self._check_out()
+        self.method = self._resolve_method()
+        self._check_method_options()
+        self.args = self._training_args()
+        state = PartialState()  # the process group under torchrun / accelerate launch (a no-op alone)
+        from ..models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self._tokenizer_source(), required_for="training")
+        self.dataset = self._load_data()  # bad data fails here, before anything is written
+        state.wait_for_everyone()  # every rank has checked --out before rank 0 creates it
+        fresh = not self.config.resume
+        if state.is_main_process:
+            RunWriter(self).prepare()
+        state.wait_for_everyone()
+        try:
+            torch.manual_seed(self.config.seed)
+            self.model = self._load_model()
+            self.trainer = self._trainer()
+        except BaseException:
+            if fresh and state.is_main_process:
+                shutil.rmtree(self.out, ignore_errors=True)  # a run that never started leaves nothing behind
+            raise
+        return self
+
+    def _check_method_options(self) -> None:
+        if self.config.convert_at_end and not self.method.converts:
+            raise PissaError(f"--convert-at-end rewrites a PiSSA adapter as a LoRA on the original model; a "
+                             f"{self.method.name} run needs no conversion, drop --convert-at-end")
+        if self.config.train_singular_values and self.method.name != "pissa":
+            raise PissaError(f"--train-singular-values trains PiSSA's singular values; it applies to --method pissa, "
+                             f"not {self.method.name}")
+
+    def _check_out(self) -> None:
+        c, out = self.config, self.out
+        if c.resume:
+            if not self._last_checkpoint():
+                raise PissaError(f"--resume: {out} has no checkpoint under {self.run_dir.checkpoints.name}/ to "
+                                 "continue from; drop --resume to start a new run")
+            self._check_same_config()
+        elif out.exists() and not c.overwrite:
+            raise PissaError(f"run folder {out} already exists; pass --resume to continue it, --overwrite to "
+                             "replace it, or choose another --out")
+
+    def _check_same_config(self) -> None:
+        import yaml
+
+        saved = yaml.safe_load(self.run_dir.config.read_text())
+        now = self.config.to_dict()
+        changed = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
+        if changed:
+            raise PissaError(f"--resume with different options than the run in {self.out}: {', '.join(changed)}; "
+                             f"repeat the command in {self.run_dir.config}")
+
+    def _last_checkpoint(self) -> str | None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = self.run_dir.checkpoints
+        return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+    def _resolve_method(self) -> TrainMethod:
+        c = self.config
+        if c.init is None:
+            method = get_train_method(c.method or "pissa")
+            if method.quantized:
+                check_quant_available(method.name)
+            return method
+        manifest = read_manifest(c.init)
+        method = method_of_init(manifest)
+        if c.method not in (None, method.name):
+            raise PissaError(f"--init {c.init} was made with method {manifest['method']!r} (it trains as --method "
+                             f"{method.name}); --method {c.method} does not apply to it (drop --method, or re-run "
+                             "`pissa init` with the method you want)")
+        return method
+
+    def _training_args(self):
+        from transformers import TrainingArguments
+
+        c = self.config
+        return TrainingArguments(
+            output_dir=str(self.run_dir.checkpoints),
+            learning_rate=c.lr,
+            lr_scheduler_type=c.scheduler,
+            warmup_steps=c.warmup_ratio,  # a float < 1 is a ratio of the total steps
+            weight_decay=c.weight_decay,
+            optim="adamw_torch",
+            num_train_epochs=c.epochs,
+            max_steps=c.max_steps,
+            per_device_train_batch_size=c.batch_size,
+            gradient_accumulation_steps=c.grad_accum,
+            max_grad_norm=c.max_grad_norm,
+            bf16=c.precision == "bf16",
+            # Named only when on: transformers 5 renames it (activation_checkpointing) and warns on the old name.
+            **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+               if c.gradient_checkpointing else {}),
+            seed=c.seed,
+            data_seed=c.seed,
+            logging_steps=1,
+            save_strategy="steps" if c.save_steps > 0 else "no",
+            save_steps=c.save_steps if c.save_steps > 0 else 500,
+            save_total_limit=c.save_total_limit,
+            report_to="none",  # our MetricsLogger writes JSONL/CSV/TensorBoard itself
+            include_num_input_tokens_seen="non_padding",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),
+            # With no GPU, say so: accelerate then builds a gloo process group under torchrun/accelerate launch.
+            use_cpu=not torch.cuda.is_available(),
+        )
+
+    def _tokenizer_source(self) -> Path | str:
+        from ..layout import InitDir
+        from ..models import resolve_model
+
+        if self.config.init is not None:
+            return InitDir(Path(self.config.init)).residual
+        return resolve_model(self.config.model)
+
+    @property
+    def dtype(self) -> str:
+        return "bfloat16" if self.config.precision == "bf16" else "float32"
+
+    def _load_model(self):
+        from ..init.load import load_init_dir
+
+        c = self.config
+        if c.init is not None:
+            return self._with_singular_values(load_init_dir(c.init, self.dtype, c.dora, self.args.device))
+        if self.method.quantized:
+            return self._quantized_on_the_fly()
+        from ..models import load_model
+
+        model, _, self.model_path = load_model(c.model, self.dtype)
+        model.to(self.args.device)  # decompose where the weights will train (GPU when there is one)
+        if not self.method.adapter:
+            return model.requires_grad_(True)
+        peft_model, self.init_report = init_model(model, self.pissa_config(), dora=c.dora)
+        self.initial_adapter = adapter_state(peft_model)  # conversion to a LoRA needs the starting A, B
+        self.initial_config = peft_model.peft_config[ADAPTER_NAME]
+        return self._with_singular_values(peft_model)
+
+    def _with_singular_values(self, peft_model):
+        """With --train-singular-values, the PiSSA adapter re-expressed as B·diag(S)·A (train.singular_values)."""
+        if not self.config.train_singular_values:
+            return peft_model
+        from .singular_values import to_singular_value_adapters
+
+        return to_singular_value_adapters(peft_model, self.config.orth_reg_weight, self._planned_steps())
+
+    def _planned_steps(self) -> int:
+        """Optimizer steps this run will take (recorded in the AdaLoRA config, which requires one)."""
+        c, world = self.config, self.args.world_size
+        if c.max_steps > 0:
+            return c.max_steps
+        batches = math.ceil(len(self.dataset) / (c.batch_size * world))
+        return math.ceil(c.epochs * batches / c.grad_accum)
+
+    def _quantized_on_the_fly(self):
+        """QLoRA / QPiSSA from --model: `pissa init --quantize` into RUN/init (rank 0, once), then load it
+        in 4-bit like --init. transformers quantizes at load, so the residual goes through disk."""
+        from accelerate import PartialState
+
+        from ..init import run_init
+        from ..init.load import load_init_dir
+
+        init_dir = self.run_dir.init
+        with PartialState().main_process_first():
+            if PartialState().is_main_process and not init_dir.exists():
+                run_init(self.config.model, self.pissa_config(), init_dir.root, dtype=self.dtype)
+        return load_init_dir(init_dir.root, self.dtype, self.config.dora, self.args.device)
+
+    def pissa_config(self) -> PissaConfig:
+        """The init of this run's adapter (--model), as `pissa init` would be given it."""
+        c, method = self.config, self.method
+        options = {"niter": c.niter} if c.niter is not None and method.init == "pissa" else {}
+        quant = {"quantize": c.quant_type, "quant_iters": c.quant_iters, "quant_fit": method.quant_fit} \
+            if method.quantized else {}
+        return PissaConfig(rank=c.rank, alpha=c.alpha, method=method.init, options=options, targets=c.targets,
+                           seed=c.seed, **quant)
+
+    def _load_data(self):
+        from ..data.tokens import build_dataset
+
+        return build_dataset(self.config.data, self.tokenizer, self.config.max_length, self.config.limit)
+
+    def _trainer(self):
+        from transformers import PrinterCallback, Trainer
+
+        from ..data.tokens import PadCollator, pad_id
+        from .log import MetricsLogger, ProgressHook
+
+        callbacks = [MetricsLogger(self.out, tensorboard=self.config.tensorboard)]
+        if self.progress is not None:
+            callbacks.append(ProgressHook(self.progress))
+        trainer = Trainer(model=self.model, args=self.args, train_dataset=self.dataset,
+                          data_collator=PadCollator(pad_id(self.tokenizer)), callbacks=callbacks + self.callbacks)
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict; our logger and bar replace it
+        return trainer
+
+    # --- train -----------------------------------------------------------------------------------
+
+    def train(self):
+        """Run the Trainer (from the last checkpoint with --resume)."""
+        start = time.perf_counter()
+        resume = self._last_checkpoint() if self.config.resume else None
+        self.train_output = self.trainer.train(resume_from_checkpoint=resume)
+        self.train_seconds = time.perf_counter() - start
+        return self.train_output
+
+    # --- save ------------------------------------------------------------------------------------
+
+    def save(self) -> dict:
+        """Write the trained weights, the loss curve and summary.json; returns the summary (empty on
+        every process but the main one)."""
+        self.trainer.accelerator.wait_for_everyone()
+        if not self.trainer.is_world_process_zero():
+            return {}
+        return RunWriter(self).save()
+
+    def run(self) -> dict:
+        self.setup()
+        self.train()
+        return self.save()
+
+
+def adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    """A copy of the adapter's tensors, as PEFT saves them."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def check_quant_available(method: str) -> None:
+    """Quantized methods need bitsandbytes; say so before any model is loaded."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise PissaError(f"--method {method} quantizes the base model and needs bitsandbytes: "
+                         "`pip install 'pissa[quant]'` (or `pip install bitsandbytes`)")
