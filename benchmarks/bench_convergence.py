@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS, load_average, machine
 
-RESULTS = Path(__file__).parent / "results"
 METHODS = ("lora", "pissa")
 
 
@@ -183,7 +181,7 @@ def main() -> None:
     lrs = [float(x) for x in args.lrs.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     state = {"args": args, "lrs": lrs, "curves": {}, "runs": {}, "baseline": None,
-             "started": time.perf_counter(), "load_start": os.getloadavg()[0]}
+             "started": time.perf_counter(), "load_start": load_average()}
     state["timing"] = step_time_ratio(args)  # first, so the ratio exists even if the sweep is cut short
     print(f"step time ratio PiSSA/LoRA {state['timing']['ratio']:.3f}", flush=True)
     # The paper's lr and 10x first, then the rest of the sweep; results are rewritten after every run.
@@ -222,7 +220,7 @@ def write_results(state: dict, wall_s: float | None = None, load_end: float | No
     comparisons = {title: compare(curves[("lora", lo)], curves[("pissa", pi)], runs[("lora", lo)]["first_update"])
                    for title, lo, pi in pairings}
     wall_s = time.perf_counter() - state["started"] if wall_s is None else wall_s
-    load = (state["load_start"], os.getloadavg()[0] if load_end is None else load_end)
+    load = (state["load_start"], load_average() if load_end is None else load_end)
     if pairings:
         plot(curves, pairings, args.out / "convergence.png")
     figures = {"args": {k: str(v) for k, v in vars(args).items()}, "baseline": state["baseline"],
@@ -242,7 +240,7 @@ def report(args, lrs, done, curves, runs, baseline, timing, best, pairings, comp
         f"`benchmarks/bench_convergence.py --steps {args.steps} --lrs {args.lrs} --batch-size {args.batch_size} "
         f"--max-length {args.max_length} --eval-limit {args.eval_limit} --threads {args.threads}"
         + (f" --niter {args.niter}" if args.niter is not None else "") + "`; "
-        f"{platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}, wall time "
+        f"{machine()}, wall time "
         f"{wall_s / 60:.1f} min, 1-minute load average {load[0]:.1f} at the start and {load[1]:.1f} at the end "
         "(this benchmark's own threads included). "
         + ("**The machine was shared with other jobs**, so absolute times are noisy; " if load[0] > args.threads + 1

@@ -24,16 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from _common import LoadWatch, peak_rss_bytes, run_fresh, write_result
+
 THREADS = 1  # set by --threads; on a shared machine, 2 OpenMP threads make small matmuls ~100x slower
 
 
@@ -111,34 +108,22 @@ OPS = {name.removeprefix("op_"): fn for name, fn in globals().items() if name.st
 
 def child(op: str, args: dict, threads: int | None = None) -> dict:
     """Run OPS[op] in a fresh interpreter; (seconds, peak RSS MB) of that process."""
-    cmd = [sys.executable, __file__, "--child", op, json.dumps(args)]
-    threads = threads or THREADS
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{op} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM starts afresh at exec, unlike ru_maxrss, which a child inherits)."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+    return run_fresh(__file__, ["--child", op, json.dumps(args)], threads=threads or THREADS)
 
 
 def run_child(op: str, raw: str) -> None:
     import peft  # noqa: F401  (imports are paid before the timer: they are the same for every operation)
-    import pissa.merge  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
     import pissa.convert  # noqa: F401
+    import pissa.convert.merge  # noqa: F401
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     start = time.perf_counter()
     extra = OPS[op](json.loads(raw)) or {}
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb(), **extra}))
+    print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_bytes() / 2**20, **extra}))
 
 
 # --- setup and checks --------------------------------------------------------------------------------
@@ -190,6 +175,7 @@ def main():
         return run_child(*args.child)
     global THREADS
     THREADS = args.threads
+    watch = LoadWatch(threads=args.threads)
 
     work = Path(tempfile.mkdtemp(prefix="bench-convert-"))
     try:
@@ -213,12 +199,13 @@ def main():
             "convert_ours", {"trained": trained, "init": init, "out": str(work / "lora-2")}, threads=2 * args.threads)
         merged_diff = max_tensor_diff(work / "m-ours", work / "m-peft")
         shards = len(list((work / "sharded").glob("*.safetensors")))
-        write_results(rows, compress, merged_diff, args, shards, gb(work / "sharded"))
+        write_results(rows, compress, merged_diff, args, shards, gb(work / "sharded"), watch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def write_results(rows: dict, compress: dict, merged_diff: float, args, shards: int, size_gb: float) -> None:
+def write_results(rows: dict, compress: dict, merged_diff: float, args, shards: int, size_gb: float,
+                  watch: LoadWatch) -> None:
     names = list(rows)
     t = {name: rows[name]["seconds"] for name in names}
     lines = [
@@ -227,8 +214,7 @@ def write_results(rows: dict, compress: dict, merged_diff: float, args, shards: 
         f"Command: `.venv/bin/python benchmarks/bench_convert.py --rank {args.rank} --shard-size {args.shard_size} "
         f"--blocks {args.blocks} --threads {args.threads}`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, shared with several other jobs while this ran "
-        "(load average ~13): absolute seconds are inflated and noisy; read the ratios within this run.",
+        watch.header(),
         f"Model: 210 adapted linear layers, rank-{args.rank} PiSSA init, so the exact converted adapter has rank "
         f"{2 * args.rank}; the merge base is saved in {shards} shards ({size_gb:.2f} GB). The 'trained' adapter is "
         "the init plus noise (cost does not depend on values; equivalence is in tests/).",
@@ -254,9 +240,7 @@ def write_results(rows: dict, compress: dict, merged_diff: float, args, shards: 
         f"- merged tensors, ours vs PEFT merge_and_unload: largest difference {merged_diff:.3g}",
         "",
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "convert.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_result("convert", "\n".join(lines))
 
 
 if __name__ == "__main__":

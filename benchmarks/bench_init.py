@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
+from _common import LoadWatch, write_result
 
 from pissa.init import PissaConfig, init_model
 from pissa.models import load_model
 
-RESULTS = Path(__file__).parent / "results" / "init.md"
-LOAD_AT_START = os.getloadavg()[0]
+WATCH = LoadWatch(threads=torch.get_num_threads())
 FALLBACKS: dict[tuple[str, int], int] = {}  # layers where a randomized request ran the exact SVD (cheaper)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -114,11 +111,8 @@ def write(rows, args):
         "# Init benchmark: pissa vs PEFT PiSSA init on SmolLM2-135M",
         "",
         "Written by `benchmarks/bench_init.py` "
-        f"(`--ranks {' '.join(map(str, args.ranks))} --repeats {args.repeats}`). One process, fp32, CPU: "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, 1-minute load average {LOAD_AT_START:.2f} at the start (2 cores; "
-        "above ~1 means other work shared the machine and absolute seconds are noisy; the ratios come from the "
-        "same run).",
+        f"(`--ranks {' '.join(map(str, args.ranks))} --repeats {args.repeats}`). One process, fp32, CPU. "
+        + WATCH.header(),
         "",
         "Time = whole in-memory init of a fresh model copy (PEFT wrapping + all 210 decompositions). "
         "Excess = residual Frobenius norm over the exact truncated SVD's, over all layers (worst single layer "
@@ -136,9 +130,7 @@ def write(rows, args):
             lines.append(f"| {label}{note} | {seconds:.2f} | {peft_exact / seconds:.1f}x | "
                          f"{excess * 100:.4f}% ({worst * 100:.4f}%) |")
         lines += ["", *verdicts(subset, peft_exact), ""]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print(f"wrote {RESULTS}")
+    write_result("init", "\n".join(lines))
 
 
 def verdicts(subset, peft_exact):

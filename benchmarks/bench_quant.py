@@ -19,13 +19,12 @@ Writes benchmarks/results/quant.md, and CSV/markdown/PNG per model under benchma
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import re
 import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS, LoadWatch
 from _peers import cuda_moves_on_cpu
 
 from pissa.quant import QuantSpec, loftq_iterates, nuclear
@@ -40,7 +39,7 @@ from pissa.report.quant import (
     write_quant_report,
 )
 
-RESULTS = Path(__file__).parent / "results"
+WATCH = LoadWatch()
 
 
 def block_of(name: str) -> int | None:
@@ -76,10 +75,9 @@ def tolerance(rand_rows: list[dict], exact_rows: list[dict]) -> dict[str, float]
     return worst
 
 
-def int8_check(weights: dict[str, torch.Tensor], rank: int, dtype: str) -> list[dict]:
+def int8_check(weights: dict[str, torch.Tensor], rank: int) -> list[dict]:
     """Paper table 9 style: INT8 (row-wise absmax) QLoRA vs LoftQ vs QPiSSA nuclear errors, T = 1, exact SVD."""
-    spec = QuantSpec(quant_type="int8", dtype=dtype)
-    rows = measure(weights.items(), ReportConfig(ranks=[rank], iters=[1], spec=spec))
+    rows = measure(weights.items(), ReportConfig(ranks=[rank], iters=[1], quant_type="int8"))
     totals: dict[str, float] = {}
     for r in rows:
         totals[r["fit"]] = totals.get(r["fit"], 0.0) + r["nuclear"]
@@ -112,8 +110,7 @@ def run_model(model: str, args) -> list[str]:
         keep = set(args.blocks[model])
         weights = {n: W for n, W in weights.items() if block_of(n) in keep}
     dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
-    spec = QuantSpec(dtype=dtype)
-    config = ReportConfig(ranks=args.ranks, iters=args.iters, spec=spec, niter=args.niter, seed=0)
+    config = ReportConfig(ranks=args.ranks, iters=args.iters, niter=args.niter, seed=0)
     print(f"{model}: {len(weights)} layers, randomized SVD niter={args.niter}", flush=True)
     start = time.perf_counter()
     rows = measure(weights.items(), config, len(weights),
@@ -130,12 +127,12 @@ def run_model(model: str, args) -> list[str]:
             "", f"![{model}](quant/{model + args.suffix}/chart.png)", ""]
     print(f"  exact-SVD check on block {args.check_block} ({len(block)} layers)", flush=True)
     start = time.perf_counter()
-    exact_rows = measure(block.items(), ReportConfig(ranks=args.ranks, iters=args.iters, spec=spec))
+    exact_rows = measure(block.items(), ReportConfig(ranks=args.ranks, iters=args.iters))
     exact_seconds = time.perf_counter() - start
     tol = tolerance(rows, exact_rows)
     print("  peer check (PEFT loftq_init)", flush=True)
     peers = [(r, t, peer_check(block, r, t)) for r in (min(args.ranks),) for t in args.iters]
-    int8 = int8_check(block, min(args.ranks), dtype)
+    int8 = int8_check(block, min(args.ranks))
 
     lines = main_lines(model, args, weights, total_layers, path, dtype, seconds, rows)
     types, _ = summarize(rows)
@@ -189,7 +186,6 @@ def main() -> None:
         body = [(RESULTS / "quant" / m / "section.md").read_text() for m in args.models]
     else:
         body = [line for model in args.models for line in run_model(model, args)]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     head = [
         "# QPiSSA: quantization-error reduction on real weights",
         "",
@@ -198,9 +194,7 @@ def main() -> None:
         + "".join(f" --blocks {m}={','.join(map(str, b))}" for m, b in args.blocks.items()) + "`"
         + (" (each model ran as its own `--section` process, in parallel; then `--assemble`)" if args.assemble else ""),
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (load average "
-        f"{load:.1f} at the end), torch {torch.__version__}, {args.threads} torch thread(s) per process. "
-        "Timings are for orientation only.",
+        f"{WATCH.header()} {args.threads} torch thread(s) per process.",
         "",
         "Ratio of a layer = (1 - ||W - (Q + B A)||_* / ||W - nf4(W)||_*) x 100 (paper section 5.3); a type's "
         "value is the mean over its layers; AVG is the mean of the type columns, as in the paper's table 4.",

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS, load_average, machine
 
-RESULTS = Path(__file__).parent / "results"
 RUNS = {"pissa": {}, "pissa+sv (w=0.1)": {"train_singular_values": True, "orth_reg_weight": 0.1},
         "pissa+sv (w=0)": {"train_singular_values": True, "orth_reg_weight": 0.0}}
 
@@ -97,7 +95,7 @@ def report(args, records: dict, wall_s: float, load: tuple[float, float]) -> str
         "",
         f"`benchmarks/bench_singular_values.py --steps {args.steps} --lr {args.lr:g} --rank {args.rank} "
         f"--batch-size {args.batch_size} --max-length {args.max_length}` on {args.model}, bundled synthetic "
-        f"`arith` set; {platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}, "
+        f"`arith` set; {machine()}, "
         f"{args.threads} threads, wall {wall_s / 60:.1f} min, 1-minute load average {load[0]:.1f} at the start "
         f"and {load[1]:.1f} at the end. Same seed, data order and steps for every run; PiSSA init by exact SVD.",
         "",
@@ -119,13 +117,13 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    start, load_start = time.perf_counter(), load_average()
     records = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in RUNS.items():
             records[name] = run(args, name, extra, Path(tmp))
             print(name, f"{records[name]['losses'][0]:.4f} -> {tail_mean(records[name]['losses']):.4f}", flush=True)
-    wall_s, load = time.perf_counter() - start, (load_start, os.getloadavg()[0])
+    wall_s, load = time.perf_counter() - start, (load_start, load_average())
     (args.out / "singular_values.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "wall_s": wall_s, "load_average": load,
          "runs": records}, indent=2) + "\n")

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,12 +34,13 @@ import time
 from pathlib import Path
 
 import torch
+from _common import LoadWatch, write_result
 from safetensors.torch import save_file
 
 HIDDEN, INTER, VOCAB, HEADS = 2048, 5632, 32000, 16
 DTYPE = torch.bfloat16
 SHARD_BYTES = 1 << 30  # 1 GiB shards, like real hub checkpoints (smaller than their 5 GB)
-RESULTS = Path(__file__).parent / "results"
+WATCH = LoadWatch(threads=torch.get_num_threads())
 
 
 def decaying_matrix(out_dim: int, in_dim: int, g: torch.Generator) -> torch.Tensor:
@@ -113,18 +112,16 @@ for name in sorted(os.listdir(src)):
     fd = os.open(os.path.join(dst, name), os.O_RDONLY); os.fsync(fd); os.close(fd)
 """
 
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
 INIT = """
-import json, re, sys, time
-def hwm():
-    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-from pissa.init import PissaConfig
-from pissa.init import run_init
+import json, sys, time
+sys.path.insert(0, BENCHMARKS)
+from _common import peak_rss_bytes as hwm
+from pissa.init import PissaConfig, run_init
 rss_imports = hwm()
 start = time.perf_counter()
 run_init(sys.argv[1], PissaConfig(rank=16, options={"niter": 4}), sys.argv[2], stream=sys.argv[3] == "stream")
 print(json.dumps({"run_s": time.perf_counter() - start, "rss_imports": rss_imports, "peak_rss": hwm()}))
-"""
+""".replace("BENCHMARKS", repr(str(Path(__file__).parent)))
 
 
 def timed(code: str, *args: str) -> tuple[float, dict]:
@@ -181,9 +178,7 @@ def report(rows: list[dict]) -> str:
         f"`benchmarks/bench_stream.py`: synthetic Llama-shaped {str(DTYPE)[6:]} checkpoints (hidden 2048, "
         "intermediate 5632, vocab 32000, ~1 GiB shards, decaying spectra), `pissa init` streaming at r=16, "
         "niter=4, 1 worker, "
-        f"torch threads {torch.get_num_threads()}. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"1-minute load average {os.getloadavg()[0]:.2f} when the report was written (above ~1 means other "
-        "jobs shared the machine and times are noisy); the copy floor and the init ran back to "
+        f"torch threads {torch.get_num_threads()}. {WATCH.header()} The copy floor and the init ran back to "
         "back on the same files (both from the page cache). Peak RSS is the process's VmHWM, imports "
         "(torch, transformers, peft) included. The SVD matmul floor is the randomized SVD's products alone "
         "(10 per weight at niter=4 with a 2r = 32-column sketch, fp32, warm buffers, this process's threads): "
@@ -229,10 +224,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
             shutil.rmtree(folder)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "stream.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (RESULTS / "stream.md").write_text(report(rows))
-    print(report(rows))
+    write_result("stream", report(rows), rows)
 
 
 if __name__ == "__main__":
