@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..layout import RunDir
 from ..train.config import TrainConfig
 from .app import app, console, err_console, human_bytes, summary_table, user_errors
 from .options import config_command
@@ -59,9 +60,10 @@ def summary_rows(summary: dict, out: Path) -> list[tuple[str, str]]:
         ("tokens/s (median step)", fmt(summary["tokens_per_s_median"], ",.0f")),
         ("wall time", f"{summary['train_seconds']:.1f} s"),
     ]
-    for name in ("adapter", "model", "residual", "init_adapter", "log.jsonl", "loss.png"):
-        if (out / name).exists():
-            rows.append((str(out / name), human_bytes(dir_size(out / name))))
+    run = RunDir(out)
+    for path in (run.adapter, run.model, run.residual, run.init.root, run.log_jsonl, run.loss_png):
+        if path.exists():
+            rows.append((str(path), human_bytes(dir_size(path))))
     return rows
 
 
