@@ -61,6 +61,8 @@ def char_tokenizer():
 def train_config(tmp_path, tiny_dir, data_file, name="run", **kw) -> TrainConfig:
     base = dict(out=str(tmp_path / name), model=str(tiny_dir), data=str(data_file), rank=4, lr=1e-2,
                 max_steps=10, batch_size=4, warmup_ratio=0.0, max_length=128, tensorboard=False)
+    if kw.get("init") is not None:  # an --init run brings its own rank
+        base.pop("rank")
     return TrainConfig(**{**base, **kw})
 
 

@@ -147,7 +147,7 @@ def convert_to_lora(
     """
     start = time.perf_counter()
     trained_dir, init_dir = Path(trained_dir), Path(init_dir)
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, inputs=[trained_dir, init_dir])
     manifest, init_config, init = read_init(init_dir)
     trained_config, trained, others, embeddings = read_lora_adapter(trained_dir, "trained adapter")
     check_config_ranks(trained_config, trained, trained_dir)

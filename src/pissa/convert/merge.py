@@ -183,8 +183,9 @@ def merge_adapter(
     """
     start = time.perf_counter()
     adapter = Path(adapter)
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, inputs=[adapter, base])
     base_dir = resolve_base(base)
+    check_output_dir(out, overwrite, inputs=[base_dir])  # a hub id's downloaded folder, an init's residual
     if not (base_dir / MODEL_CONFIG_FILE).exists():
         raise PissaError(f"{base_dir} has no {MODEL_CONFIG_FILE}; --base must be a model folder or a `pissa init` "
                          "folder")

@@ -95,13 +95,27 @@ def run_target(run: RunDir) -> Target:
     elif run.init.residual.is_dir():  # a quantized method with --model: the 4-bit init it wrote first
         base = str(run.init.residual)
     elif config.get("init"):
-        base = str(InitDir(Path(config["init"])).residual)
+        base = str(InitDir(run_input(run, config, "init")).residual)
     elif run.init.exists():  # its initial adapter was kept: the trained one needs the run's residual
         raise PissaError(f"run {run.root} trained a PiSSA adapter but kept no residual/ (--no-save-residual); "
                          f"evaluate its converted LoRA, or pass the residual as RUN_OR_MODEL with --adapter")
     else:
-        base = config["model"]
+        base = str(run_input(run, config, "model"))
     return Target(base, run.adapter, "run")
+
+
+def run_input(run: RunDir, config: dict, name: str) -> Path:
+    """A run's --init or --model as recorded; if that path is gone (the project folder moved), the same
+    input relative to the run folder, as the run also recorded it."""
+    recorded = Path(config[name])
+    if not recorded.is_absolute() or recorded.exists():
+        return recorded
+    relative = ((config.get("resolved") or {}).get("run_relative") or {}).get(name)
+    moved = (run.root / relative) if relative else None
+    if moved is None or not moved.exists():
+        raise PissaError(f"run {run.root} was trained from --{name} {recorded}, which no longer exists (nor at "
+                         f"{moved} relative to the run); restore it, or evaluate with RUN_OR_MODEL and --adapter")
+    return moved
 
 
 def check_adapter_fits(model, adapter: Path, model_name: str) -> None:
@@ -191,7 +205,8 @@ def run_eval(
 ) -> tuple[EvalResult, Path, Target]:
     """Evaluate RUN_OR_MODEL on `data` and write OUT/{eval.json, predictions.jsonl}."""
     target = resolve_target(spec, adapter)
-    out = check_output_dir(out or default_out(target, data, config.task), overwrite)
+    out = check_output_dir(out or default_out(target, data, config.task), overwrite,
+                           inputs=[target.model, target.adapter, data])
     examples = load_eval_examples(data, config.limit)
     backend = config.backend
     if backend == "vllm" or (backend == "auto" and vllm_available()):

@@ -173,8 +173,8 @@ class Demo:
         from ..train import SFTRecipe, TrainConfig
 
         c = self.config
-        source = {"init": str(self.work / "pissa-init")} if method == "pissa" else {"model": self.model}
-        config = TrainConfig(out=str(self.work / method), method=method, rank=c.rank, lr=c.lr, max_steps=c.steps,
+        source = {"init": str(self.work / "pissa-init")} if method == "pissa" else {"model": self.model, "rank": c.rank}
+        config = TrainConfig(out=str(self.work / method), method=method, lr=c.lr, max_steps=c.steps,
                              batch_size=c.batch_size, limit=c.steps * c.batch_size, max_length=c.max_length,
                              seed=c.seed, tensorboard=False, data="arith:train", **source)
         summary = SFTRecipe(config).run()

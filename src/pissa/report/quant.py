@@ -248,7 +248,7 @@ def run_quant_report(model: str, config: ReportConfig, out: str | Path, overwrit
     Returns (per-layer rows, written files, the report's title)."""
     from ..io.atomic import atomic_output_dir, check_output_dir
 
-    out = check_output_dir(out, overwrite)  # before the (slow) load
+    out = check_output_dir(out, overwrite, inputs=[model])  # before the (slow) load
     weights, path = model_weights(model, dtype, config.targets, trust_remote_code)
     rows = measure(weights.items(), config, total=len(weights), progress=progress)
     spec = config.spec_for(next(iter(weights.values())).dtype)

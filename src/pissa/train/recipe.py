@@ -31,9 +31,10 @@ import torch
 
 from ..errors import PissaError
 from ..init import ADAPTER_NAME, PissaConfig, init_model
+from ..io.atomic import check_not_overlapping
 from ..io.manifest import read_manifest
 from ..layout import RunDir
-from .config import RESUME_FREE, TrainConfig
+from .config import DEFAULT_QUANT_ITERS, DEFAULT_QUANT_TYPE, DEFAULT_RANK, RESUME_FREE, TrainConfig
 from .methods import TrainMethod, get_train_method, method_of_init
 from .save import RunWriter
 
@@ -103,14 +104,19 @@ class SFTRecipe:
 
     def _check_out(self) -> None:
         c, out = self.config, self.out
+        check_not_overlapping(out, [c.init, c.model, c.data])  # even --overwrite may not delete an input
         if c.resume:
             if not self._last_checkpoint():
                 raise PissaError(f"--resume: {out} has no checkpoint under {self.run_dir.checkpoints.name}/ to "
-                                 "continue from; drop --resume to start a new run")
+                                 "continue from (it stopped before its first --save-steps); pass --overwrite "
+                                 "instead of --resume to start it again")
             self._check_same_config()
         elif out.exists() and not c.overwrite:
-            raise PissaError(f"run folder {out} already exists; pass --resume to continue it, --overwrite to "
-                             "replace it, or choose another --out")
+            if self._last_checkpoint():
+                raise PissaError(f"run folder {out} already exists; pass --resume to continue it from its last "
+                                 "checkpoint, --overwrite to replace it, or choose another --out")
+            raise PissaError(f"run folder {out} already exists and holds no checkpoint to resume from; pass "
+                             "--overwrite to replace it, or choose another --out")
 
     def _check_same_config(self) -> None:
         import yaml
@@ -244,10 +250,10 @@ class SFTRecipe:
         """The init of this run's adapter (--model), as `pissa init` would be given it."""
         c, method = self.config, self.method
         options = {"niter": c.niter} if c.niter is not None and method.init == "pissa" else {}
-        quant = {"quantize": c.quant_type, "quant_iters": c.quant_iters, "quant_fit": method.quant_fit} \
-            if method.quantized else {}
-        return PissaConfig(rank=c.rank, alpha=c.alpha, method=method.init, options=options, targets=c.targets,
-                           seed=c.seed, **quant)
+        quant = {"quantize": c.quant_type or DEFAULT_QUANT_TYPE, "quant_iters": c.quant_iters or DEFAULT_QUANT_ITERS,
+                 "quant_fit": method.quant_fit} if method.quantized else {}
+        return PissaConfig(rank=c.rank or DEFAULT_RANK, alpha=c.alpha, method=method.init, options=options,
+                           targets=c.targets, seed=c.seed, **quant)
 
     def _load_data(self):
         from ..data.tokens import build_dataset
