@@ -122,6 +122,14 @@ def is_run_dir(path: str | Path) -> bool:
     return RunDir(Path(path)).exists()
 
 
+def owner_of_residual(path: str | Path) -> Path | None:
+    """The `pissa init` folder or `pissa train` run whose residual/ `path` is, or None (a plain model)."""
+    path = Path(path)
+    if path.name != RESIDUAL_DIR:
+        return None
+    return path.parent if is_init_dir(path.parent) or is_run_dir(path.parent) else None
+
+
 # --- layer kinds -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

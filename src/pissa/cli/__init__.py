@@ -13,6 +13,9 @@ from . import (  # noqa: F401  (each module registers its command)
     train,
 )
 from .app import app
+from .options import set_metavars
+
+set_metavars(app)
 
 
 def main() -> None:

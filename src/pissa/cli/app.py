@@ -21,20 +21,29 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: option names are never cut and flags show no <bool> metavar at 80 columns.
+    rich_markup_mode=None,
 )
 console = Console()
 err_console = Console(stderr=True)
 
 
+INTERRUPTED = "interrupted; nothing was written (outputs appear only when complete)"
+
+
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Print a user-fixable error in one line and exit with status 2 (no traceback)."""
+def user_errors(interrupted: str = INTERRUPTED) -> Iterator[None]:
+    """Print a user-fixable error in one line and exit with status 2 (no traceback); Ctrl-C prints one line
+    (`interrupted`: what happened to the output and how to go on) and exits 130."""
     try:
         yield
     except PissaError as e:
         # soft_wrap: one unbroken line, so long paths in the message stay greppable
         err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2) from e
+    except KeyboardInterrupt as e:
+        err_console.print(f"[bold yellow]{interrupted}[/]", soft_wrap=True)
+        raise typer.Exit(130) from e
 
 
 @contextmanager

@@ -36,8 +36,8 @@ def convert_command(
 
     Examples:
 
+    \b
       pissa convert runs/smol/adapter --init out/smol-r16 --out out/smol-lora-r32
-
       pissa convert runs/smol/adapter --init out/smol-r16 --out out/smol-lora-r16 --rank 16
     """
     from ..convert import convert_to_lora

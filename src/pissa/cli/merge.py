@@ -25,8 +25,8 @@ def merge_command(
 
     Examples:
 
+    \b
       pissa merge out/smol-lora-r32 --base smollm2-135m --out out/smol-merged
-
       pissa merge runs/smol/adapter --base out/smol-r16 --out out/smol-merged
     """
     from ..convert import merge_adapter

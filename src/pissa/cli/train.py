@@ -16,18 +16,13 @@ def train_command(config: TrainConfig):
 
     Examples:
 
+    \b
       pissa train --model smollm2-135m --method pissa --rank 16 --max-steps 200 --out runs/pissa
-
       pissa init smollm2-135m --rank 16 --out out/smol-r16 && pissa train --init out/smol-r16 --out runs/from-init
-
       pissa train --model smollm2-135m --method lora --lr 2e-4 --data my.jsonl --epochs 3 --out runs/lora
-
       pissa train --model smollm2-135m --method pissa --train-singular-values --max-steps 200 --out runs/pissa-sv
-
       accelerate launch --multi_gpu --num_processes 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp
-
       torchrun --nproc_per_node 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp-cpu   # CPU, gloo
-
       pissa train --model smollm2-135m --method pissa --max-steps 200 --save-steps 50 --out runs/pissa --resume
 
     The bundled `arith` dataset (the default --data) is synthetic: generated grade-school arithmetic
@@ -36,7 +31,9 @@ def train_command(config: TrainConfig):
     from ..train import SFTRecipe
 
     out = Path(config.out)
-    with user_errors():
+    with user_errors(interrupted=f"interrupted; re-run with --resume to continue from the last checkpoint in "
+                                 f"{out / 'checkpoints'} (written every --save-steps), or with --overwrite to start "
+                                 "again"):
         with step_progress() as progress:
             recipe = SFTRecipe(config, progress=progress)
             summary = recipe.run()

@@ -29,9 +29,11 @@ from ..layout import (
     WEIGHT_SUFFIXES,
     InitDir,
     LayerKind,
-    init_of_residual,
+    RunDir,
     is_init_dir,
+    is_run_dir,
     kind_from_factors,
+    owner_of_residual,
 )
 from .inputs import layer_scale, read_lora_adapter
 
@@ -67,7 +69,13 @@ def resolve_base(base: str | Path) -> Path:
 
     folder = Path(str(base)).expanduser()
     if is_init_dir(folder):
-        return InitDir(folder).residual
+        residual = InitDir(folder).residual
+        if not residual.is_dir() and RunDir(folder.parent).residual.is_dir():
+            raise PissaError(f"--base {base} holds only the run's initial adapter, not a model; the residual this "
+                             f"run trained on is {RunDir(folder.parent).residual}: pass --base {folder.parent}")
+        return residual
+    if is_run_dir(folder) and RunDir(folder).residual.is_dir():
+        return RunDir(folder).residual  # a `pissa train --model` PiSSA run: the residual it trained on
     resolved = Path(resolve_model(str(base)))
     if resolved.is_dir():
         return resolved
@@ -106,17 +114,18 @@ def weight_key(module: str, reader: CheckpointReader) -> str:
 
 def check_pairing(adapter: Path, config: dict, base: Path) -> str:
     """Refuse the two silent mistakes (trained PiSSA adapter on the original, converted on the residual)."""
-    if init_of_residual(base) is not None:
+    if owner_of_residual(base) is not None:
         if (adapter / CONVERSION_FILE).exists():
             raise PissaError(f"{adapter} is a converted LoRA adapter for the original model, but --base {base} is a "
                              "PiSSA residual; pass the original model as --base")
         return "residual + PiSSA adapter"
     trained_on = str(config.get("base_model_name_or_path") or "")
-    init = init_of_residual(trained_on)
-    if init is not None:
+    owner = owner_of_residual(trained_on)
+    if owner is not None:
+        init = owner if is_init_dir(owner) else RunDir(owner).init.root  # a run keeps its initial adapter in init/
         raise PissaError(
             f"{adapter} was trained on the PiSSA residual {trained_on}, but --base {base} is not a residual. "
-            f"Pass --base {init} (residual + adapter), or first run `pissa convert {adapter} "
+            f"Pass --base {owner} (residual + adapter), or first run `pissa convert {adapter} "
             f"--init {init}` to merge into the original model"
         )
     return "base + LoRA adapter"
@@ -152,6 +161,12 @@ def merged(W: torch.Tensor, update: Update) -> torch.Tensor:
     return update.kind.from_matrix(matrix, W.shape).to(W.dtype)
 
 
+def check_finite(W: torch.Tensor, name: str, folder: Path) -> None:
+    if W.is_floating_point() and not bool(torch.isfinite(W).all()):
+        raise PissaError(f"{name} in {folder} contains NaN/Inf values; a merged model would carry them. Fix or "
+                         "re-export the base model")
+
+
 def write_shards(reader: CheckpointReader, out: Path, plan: dict[str, Update],
                  progress: Callable[[int, int, str], None] | None) -> None:
     """Stream every shard through tensor by tensor, merging the planned weights."""
@@ -162,6 +177,7 @@ def write_shards(reader: CheckpointReader, out: Path, plan: dict[str, Update],
         with open(reader.folder / shard, "rb") as f, ShardWriter(out / shard, layout(specs), header.metadata) as w:
             for entry in entries:
                 W = read_tensor(f, header, entry)
+                check_finite(W, entry.name, reader.folder)
                 if entry.name in plan:
                     W = merged(W, plan[entry.name])
                     done += 1

@@ -171,7 +171,17 @@ def load_target(target: Target, dtype: str = "auto", trust_remote_code: bool = F
         check_adapter_fits(model, target.adapter, target.model)
         check_pissa_base(target)
         model = PeftModel.from_pretrained(model, str(target.adapter))
+    check_finite_weights(model, target)
     return model.eval(), tokenizer
+
+
+def check_finite_weights(model, target: Target) -> None:
+    """NaN/Inf weights give a 'perplexity nan' that looks like a result: refuse them, naming the tensor."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            where = target.adapter if ".lora_" in name and target.adapter else target.model
+            raise PissaError(f"{name} in {where} contains NaN/Inf values; evaluation would only measure that. Fix "
+                             "or re-export the weights")
 
 
 def quantized_init_of(model: str) -> Path | None:

@@ -61,6 +61,10 @@ def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, 
                 if B is None:
                     raise PissaError(f"adapter has {key} but no matching {b_suffix[1:]}; the adapter file is "
                                      "incomplete, re-save it")
+                for name, factor in ((key, A), (key[: -len(a_suffix)] + b_suffix, B)):
+                    if not bool(torch.isfinite(factor).all()):
+                        raise PissaError(f"adapter tensor {name} contains NaN/Inf values (the training diverged?); "
+                                         "use a checkpoint from before it did")
                 pairs[module] = (A, B)
     return pairs
 
