@@ -77,7 +77,7 @@ def human_bytes(n: float) -> str:
 
 def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
+    table.add_column(style="bold", overflow="fold")  # paths are keys too: wrap, never cut
     table.add_column(overflow="fold")  # wrap long values (paths) instead of cutting them: users copy them
     for key, value in rows:
         table.add_row(key, value)

@@ -9,6 +9,8 @@ from ..decompose import get_method, make_options
 from ..dtypes import parse_dtype
 from ..errors import PissaError, check_number, check_regex
 
+QUANT_OPTIONS = ("quant_fit", "quant_iters", "double_quant", "quant_storage", "compute_dtype")
+
 
 @dataclass
 class PissaConfig:
@@ -79,6 +81,16 @@ class PissaConfig:
             from .quantized import check_quant_config
 
             check_quant_config(self)
+        else:
+            self._check_no_quant_options()
+
+    def _check_no_quant_options(self) -> None:
+        """Quantization settings without --quantize would be silently ignored: refuse them."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        given = [f"--{name.replace('_', '-')}" for name in QUANT_OPTIONS if getattr(self, name) != defaults[name]]
+        if given:
+            raise PissaError(f"{', '.join(given)} set how the residual is quantized; add --quantize nf4 (or fp4), "
+                             "or drop them")
 
     def alpha_for(self, rank: int) -> float:
         """The paper's default alpha = r keeps scale 1 for every layer, overridden ranks included."""

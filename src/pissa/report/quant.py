@@ -20,7 +20,7 @@ import torch
 
 from ..decompose import check_weight
 from ..dtypes import dtype_name
-from ..errors import PissaError
+from ..errors import PissaError, check_number, check_regex
 from ..plots import pyplot, save
 from ..quant.fit import check_iters, fit_iterates, qlora_iterate
 from ..quant.formats import QuantizationError, QuantSpec
@@ -51,6 +51,9 @@ class ReportConfig:
 
     def __post_init__(self):
         self.spec_for(torch.float32)  # refuses a bad quant type now, before any model is loaded
+        check_number(self.niter, "--niter", minimum=0)
+        for pattern in self.targets or []:
+            check_regex(pattern, "--targets")
         if not self.ranks or min(self.ranks) < 1:
             raise QuantizationError(f"--ranks must be >= 1, got {self.ranks}")
         if not self.iters:
