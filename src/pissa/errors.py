@@ -3,3 +3,7 @@
 
 class PissaError(Exception):
     """A bad input: the message names the offending file, tensor, layer or flag, and the fix."""
+
+
+class PissaWarning(UserWarning):
+    """Something the user should know about an input that pissa can still use (the CLI prints it in one line)."""
