@@ -105,6 +105,9 @@ def test_peft_rslora_pattern_adapter_exported_at_an_allowed_rank_keeps_its_outpu
     torch.testing.assert_close(outputs(served, TOKENS), expected, atol=1e-5, rtol=0)
     assert outputs(load_auto(tmp_path / "original"), TOKENS).sub(expected).abs().max() > 1e-2
     assert "--max-lora-rank 8" in result.command
+    with pytest.raises(PissaError, match=r"init_lora_weights='pissa_niter_4'.*Pass --init INITIAL_ADAPTER"):
+        export_adapter(tmp_path / "trained", tmp_path / "out", ExportConfig("vllm"))  # no --init: refused
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 # --- ranks ------------------------------------------------------------------------------------------
@@ -203,7 +206,7 @@ def test_refuses_dora_a_trained_pissa_adapter_and_a_residual_base(source, tmp_pa
     write_adapter(tmp_path / "dora", {**config, "use_dora": True}, {**state, **magnitudes})
     with pytest.raises(PissaError, match=r"DoRA adapter: vLLM serves LoRA only.*pissa merge"):
         export_adapter(tmp_path / "dora", tmp_path / "out", ExportConfig("vllm"))
-    with pytest.raises(PissaError, match=r"trained PiSSA adapter \(trained on the residual .*Pass --init .*init"):
+    with pytest.raises(PissaError, match=r"trained PiSSA-style adapter \(trained on the residual .*Pass --init .*init"):
         export_adapter(root / "trained", tmp_path / "out", ExportConfig("vllm"))
     with pytest.raises(PissaError, match=r"--base .* is a PiSSA init or residual model"):
         export_adapter(root / "lora", tmp_path / "out", ExportConfig("vllm", base=str(root / "init")))

@@ -111,9 +111,9 @@ def read_source(adapter: Path, config: ExportConfig) -> tuple[dict, dict, list[s
     init = base_changing_init(lora_config)
     if found is not None or init is not None:
         how = f"trained on the residual {lora_config['base_model_name_or_path']}" if found else \
-            f"says init_lora_weights={init!r}"
-        raise PissaError(f"{adapter} is a trained PiSSA adapter ({how}): it applies to a residual model, not to the "
-                         f"original. Pass --init {found[0] if found else 'INITIAL_ADAPTER'} to convert it first")
+            f"its config says init_lora_weights={init!r}: PEFT trained it on a base it changed in memory"
+        raise PissaError(f"{adapter} is a trained PiSSA-style adapter ({how}); it does not apply to the original "
+                         f"model as it is. Pass --init {found[0] if found else 'INITIAL_ADAPTER'} to convert it first")
     return lora_config, state, []
 
 
