@@ -260,3 +260,18 @@ def test_cli_export_prints_the_serving_command(source, tmp_path):
                                       str(tmp_path / "bad")])
     assert result.exit_code == 2 and "error:" in result.output and "--rank 24" in result.output
     assert_nothing_written(tmp_path, tmp_path / "bad")
+
+
+# --- SmolLM2 ---------------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_smollm2_vllm_export_matches_the_merged_model(tmp_path, smollm2_dir):
+    """A real model: a trained PiSSA adapter exported for vLLM straight from its init (converted in memory)."""
+    init = make_init(smollm2_dir, tmp_path / "init", rank=8, alpha=16, targets=["q_proj", "v_proj"],
+                     options={"niter": 2})
+    train_pissa(init, tmp_path / "trained", steps=2, lr=1e-3, length=12)
+    result = export_adapter(tmp_path / "trained", tmp_path / "vllm", ExportConfig("vllm", init=str(init),
+                                                                                  sequences=2, length=16))
+    assert result.rank == 16 and len(result.layers) == 60
+    parity = result.parity
+    assert parity["max_abs_logit_diff"] < 1e-4 * parity["max_abs_logit"] < parity["max_abs_adapter_effect"]
