@@ -49,6 +49,9 @@ CASES = {
         ("--base", "./nope"), ("--base", "{adapter}"),
     ]),
     "report": (["{run}", "--out", "{out}"], [("--title", None)]),
+    "export": (["{adapter}", "--for", "vllm", "--base", "{model}", "--out", "{out}"], [
+        ("--for", "bogus"), ("--rank", "24"), ("--rank", "0"), ("--base", "./nope"), ("--init", "./nope"),
+    ]),
     "analyze": (["{model}", "--out", "{out}"], [
         ("--rank", "0"), ("--seeds", "1"), ("--max-length", "0"), ("--layer", "("), ("--layer", "no.such.layer"),
         ("--method", "bogus"),

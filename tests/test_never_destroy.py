@@ -194,7 +194,8 @@ def test_ctrl_c_prints_one_line_and_exits_130(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_help_is_readable_at_80_columns():
-    for command in ("init", "train", "eval", "convert", "merge", "report", "analyze", "quant-report", "demo"):
+    for command in ("init", "train", "eval", "convert", "merge", "export", "report", "analyze", "quant-report",
+                    "demo"):
         result = runner.invoke(app, [command, "--help"], terminal_width=80, env={"COLUMNS": "80"})
         assert result.exit_code == 0
         assert "<bool>" not in result.output and "…" not in result.output, command

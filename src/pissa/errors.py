@@ -34,3 +34,7 @@ def check_regex(pattern: str, flag: str) -> re.Pattern:
         return re.compile(pattern)
     except re.error as e:
         raise PissaError(f"{flag} {pattern!r} is not a valid regular expression ({e}); fix the pattern") from e
+
+
+class PissaWarning(UserWarning):
+    """Something the user should know about an input that pissa can still use (the CLI prints it in one line)."""

@@ -5,6 +5,7 @@ from . import (  # noqa: F401  (each module registers its command)
     convert,
     demo,
     eval,
+    export,
     init,
     merge,
     methods,

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..errors import PissaError
+from ..errors import PissaError, PissaWarning
 
 app = typer.Typer(
     name="pissa",
@@ -91,3 +91,15 @@ def _root() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.showwarning = show_warning
+
+
+_python_showwarning = warnings.showwarning
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """pissa's own warnings in one line, like its errors; any other warning as Python shows it."""
+    if issubclass(category, PissaWarning):
+        err_console.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)

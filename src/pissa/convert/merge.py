@@ -3,6 +3,8 @@
 Two pairings are valid, and both are `W + scale·B@A` on the adapter's target weights:
 - the original model + a converted adapter (`pissa convert`);
 - the residual model (`INIT/residual`, or just `INIT`) + the trained PiSSA adapter.
+A DoRA adapter's rows are then rescaled to its magnitudes, `m / ‖W + ΔW‖_row · (W + ΔW)`, as PEFT merges
+them; modules_to_save copies and trained biases replace the base's tensors.
 
 The base is read with the same lazy reader and written with the same shard writer as a streaming
 init (`pissa.io`), so one tensor is in memory at a time; every tensor keeps its stored dtype (the
@@ -20,11 +22,15 @@ from pathlib import Path
 import torch
 
 from ..errors import PissaError
+from ..io.adapter_files import base_changing_init
 from ..io.atomic import atomic_output_dir, check_output_dir, dir_size
 from ..io.reader import CheckpointReader, is_safetensors_folder, read_tensor
 from ..io.writer import ShardWriter, copy_side_files, layout, write_index
 from ..layout import (
+    ADAPTER_KEY_PREFIX,
+    BASE_LAYER,
     CONVERSION_FILE,
+    MAGNITUDE_KEY,
     MODEL_CONFIG_FILE,
     WEIGHT_SUFFIXES,
     InitDir,
@@ -43,9 +49,10 @@ class MergeResult:
     out: Path
     base: Path
     mode: str  # "residual + PiSSA adapter" or "base + LoRA adapter"
-    layers: int
+    layers: int  # weights updated by B @ A (LoRA, DoRA)
     shards: int
     seconds: float
+    replaced: int = 0  # base tensors replaced by the adapter's full copies (modules_to_save, trained biases)
 
     def size(self) -> int:
         return dir_size(self.out)
@@ -59,6 +66,7 @@ class Update:
     B: torch.Tensor  # (out, r) or conv (out, r, 1, 1)
     scale: float
     kind: LayerKind
+    magnitude: torch.Tensor | None = None  # DoRA: (out,), the norm each row of W + ΔW is rescaled to
 
 
 # --- where the weights are ----------------------------------------------------------------------
@@ -100,14 +108,41 @@ def open_base(folder: Path) -> CheckpointReader:
 
 def weight_key(module: str, reader: CheckpointReader) -> str:
     """The checkpoint name of a module's weight; tolerates a head prefix such as `model.` or `bert.`."""
-    key = f"{module}.weight"
+    return checkpoint_key(f"{module}.weight", reader, f"adapter layer {module}")
+
+
+def checkpoint_key(key: str, reader: CheckpointReader, what: str) -> str:
+    """`key` as the checkpoint names it (exactly, or under one head prefix such as `model.` or `bert.`)."""
     if key in reader.weight_map:
         return key
     matches = [k for k in reader.weight_map if k.endswith(f".{key}")]
     if len(matches) == 1:
         return matches[0]
-    raise PissaError(f"the base model has no weight for adapter layer {module} ({key}); the adapter was "
+    raise PissaError(f"the base model has no weight for {what} ({key}); the adapter was "
                      "trained on a different model, give the matching --base")
+
+
+def check_fits(module: str, A: torch.Tensor, B: torch.Tensor, kind: LayerKind, reader: CheckpointReader) -> str:
+    """The checkpoint key of the weight a layer's B @ A updates, refusing a weight of another shape."""
+    key = weight_key(module, reader)
+    stored = reader.entry(key).shape
+    # the stored shape B (out, r) @ A (r, in[, kh, kw]) updates: (in, out) for transposed kinds
+    want = (A.shape[1], B.shape[0]) if kind.transposed else (B.shape[0], *A.shape[1:])
+    if stored != want:
+        raise PissaError(f"adapter layer {module} needs a weight of shape {want} but {key} in {reader.folder} "
+                         f"is {stored}; the adapter was trained on a different model")
+    return key
+
+
+def replaced_key(name: str, tensor: torch.Tensor, reader: CheckpointReader) -> str:
+    """The base tensor a full tensor of the adapter replaces (a modules_to_save copy, a trained bias)."""
+    key = checkpoint_key(name.removeprefix(ADAPTER_KEY_PREFIX).replace(BASE_LAYER, "."), reader,
+                         f"the adapter's full tensor {name} (modules_to_save or bias)")
+    stored = reader.entry(key).shape
+    if stored != tuple(tensor.shape):
+        raise PissaError(f"the adapter's {name} is {tuple(tensor.shape)} but {key} in {reader.folder} is {stored}; "
+                         "the adapter was trained on a different model")
+    return key
 
 
 # --- checking the pairing -----------------------------------------------------------------------
@@ -120,6 +155,10 @@ def check_pairing(adapter: Path, config: dict, base: Path) -> str:
                              "PiSSA residual; pass the original model as --base")
         return "residual + PiSSA adapter"
     trained_on = str(config.get("base_model_name_or_path") or "")
+    if base_changing_init(config) is not None:
+        raise PissaError(f"{adapter} says init_lora_weights={config['init_lora_weights']!r}: PEFT trained it on a "
+                         f"base it changed in memory, not on --base {base}. Convert it first with `pissa convert "
+                         f"{adapter} --init INITIAL_ADAPTER`, then merge the converted adapter")
     owner = owner_of_residual(trained_on)
     if owner is not None:
         init = owner if is_init_dir(owner) else RunDir(owner).init.root  # a run keeps its initial adapter in init/
@@ -131,33 +170,33 @@ def check_pairing(adapter: Path, config: dict, base: Path) -> str:
     return "base + LoRA adapter"
 
 
-def plan_merge(adapter: Path, reader: CheckpointReader) -> tuple[dict[str, Update], str]:
-    """(weight key -> Update, mode), checked against the base's shard headers before anything is written."""
+def plan_merge(adapter: Path, reader: CheckpointReader) -> tuple[dict[str, Update | torch.Tensor], str]:
+    """(weight key -> Update, or the full tensor that replaces it; mode), checked against the base's shard
+    headers before anything is written."""
     config, pairs, others, embeddings = read_lora_adapter(adapter, "adapter")
-    if others:
-        raise PissaError(f"{adapter} holds full weights ({next(iter(others))}, from modules_to_save); merge "
-                         "supports LoRA layers only")
     mode = check_pairing(adapter, config, reader.folder)
+    magnitudes = {k.removeprefix(ADAPTER_KEY_PREFIX).removesuffix(MAGNITUDE_KEY): v for k, v in others.items()
+                  if k.endswith(MAGNITUDE_KEY)}
     plan = {}
     for module, (A, B) in pairs.items():
-        key = weight_key(module, reader)
         kind = kind_from_factors(A, module in embeddings, bool(config.get("fan_in_fan_out")))
-        stored = reader.entry(key).shape
-        # the stored shape B (out, r) @ A (r, in[, kh, kw]) updates: (in, out) for transposed kinds
-        want = (A.shape[1], B.shape[0]) if kind.transposed else (B.shape[0], *A.shape[1:])
-        if stored != want:
-            raise PissaError(f"adapter layer {module} needs a weight of shape {want} but {key} in {reader.folder} "
-                             f"is {stored}; the adapter was trained on a different model")
-        plan[key] = Update(A, B, layer_scale(config, module), kind)
+        key = check_fits(module, A, B, kind, reader)
+        plan[key] = Update(A, B, layer_scale(config, module), kind, magnitudes.get(module))
+    for name, tensor in others.items():
+        if not name.endswith(MAGNITUDE_KEY):
+            plan[replaced_key(name, tensor, reader)] = tensor
     return plan, mode
 
 
 # --- writing ------------------------------------------------------------------------------------
 
 def merged(W: torch.Tensor, update: Update) -> torch.Tensor:
-    """W + scale·B@A in W's stored layout, added in fp32 and rounded once to W's dtype."""
+    """W + scale·B@A in W's stored layout, added in fp32 and rounded once to W's dtype; with DoRA, each row
+    of the (out, in) matrix rescaled to its magnitude (PEFT's DoRA merge, computed in fp32)."""
     delta = update.scale * (update.B.flatten(1).float() @ update.A.flatten(1).float())  # (out, in)
     matrix = update.kind.to_matrix(W.float()) + delta  # (out, in)
+    if update.magnitude is not None:
+        matrix = matrix * (update.magnitude.float() / matrix.norm(dim=1))[:, None]  # (out, in)
     return update.kind.from_matrix(matrix, W.shape).to(W.dtype)
 
 
@@ -167,7 +206,7 @@ def check_finite(W: torch.Tensor, name: str, folder: Path) -> None:
                          "re-export the base model")
 
 
-def write_shards(reader: CheckpointReader, out: Path, plan: dict[str, Update],
+def write_shards(reader: CheckpointReader, out: Path, plan: dict[str, Update | torch.Tensor],
                  progress: Callable[[int, int, str], None] | None) -> None:
     """Stream every shard through tensor by tensor, merging the planned weights."""
     done = 0
@@ -179,7 +218,8 @@ def write_shards(reader: CheckpointReader, out: Path, plan: dict[str, Update],
                 W = read_tensor(f, header, entry)
                 check_finite(W, entry.name, reader.folder)
                 if entry.name in plan:
-                    W = merged(W, plan[entry.name])
+                    new = plan[entry.name]
+                    W = merged(W, new) if isinstance(new, Update) else new.to(W.dtype)
                     done += 1
                     if progress:
                         progress(done, len(plan), entry.name)
@@ -213,5 +253,6 @@ def merge_adapter(
         if reader.sharded:
             total = sum(reader.headers[s].data_bytes for s in reader.shards)
             write_index(tmp, reader.weight_map, total)
-    return MergeResult(out=out, base=base_dir, mode=mode, layers=len(plan), shards=len(reader.shards),
-                       seconds=time.perf_counter() - start)
+    layers = sum(isinstance(v, Update) for v in plan.values())
+    return MergeResult(out=out, base=base_dir, mode=mode, layers=layers, shards=len(reader.shards),
+                       seconds=time.perf_counter() - start, replaced=len(plan) - layers)

@@ -87,6 +87,7 @@ class SFTRecipe:
         try:
             torch.manual_seed(self.config.seed)
             self.model = self._load_model()
+            self._check_convertible()
             self.trainer = self._trainer()
         except BaseException:
             if fresh and state.is_main_process:
@@ -216,6 +217,21 @@ class SFTRecipe:
         self.initial_config = peft_model.peft_config[ADAPTER_NAME]
         return self._with_singular_values(peft_model)
 
+    def _check_convertible(self) -> None:
+        """--convert-at-end: convert the step-0 adapter now (in memory), so that what the conversion after the
+        last step would refuse is refused before the first."""
+        if not self.config.convert_at_end:
+            return
+        from ..convert import InitSource, check_convertible, read_init_source
+
+        if self.config.init is not None:
+            init = read_init_source(self.config.init)
+        elif self.initial_adapter:
+            init = InitSource.in_memory(config_dict(self.initial_config), self.initial_adapter, self.model_path)
+        else:  # a quantized method with --model wrote RUN/init before loading
+            init = read_init_source(self.run_dir.init.root)
+        check_convertible(config_dict(self.model.peft_config[ADAPTER_NAME]), adapter_state(self.model), init)
+
     def _with_singular_values(self, peft_model):
         """With --train-singular-values, the PiSSA adapter re-expressed as B·diag(S)·A (train.singular_values)."""
         if not self.config.train_singular_values:
@@ -305,6 +321,13 @@ def adapter_state(peft_model) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def config_dict(peft_config) -> dict:
+    """A PEFT config as its adapter_config.json would hold it (sets as sorted lists)."""
+    import json
+
+    return json.loads(json.dumps(peft_config.to_dict(), default=sorted))
 
 
 def check_quant_available(method: str) -> None:
