@@ -260,3 +260,15 @@ def test_a_model_folder_without_weights_is_named(damaged, tmp_path, command):
 def test_non_finite_alpha_writes_nothing(tiny_dir, tmp_path, alpha):
     refused(["init", tiny_dir, "--alpha", alpha, "--out", tmp_path / "o"], "--alpha must be")
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_refuses_an_adapter_peft_would_recompute_the_base_for(work, tmp_path, tiny_dir):
+    import json
+    import shutil
+
+    adapter = tmp_path / "peft-adapter"
+    shutil.copytree(work / "lora", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_4"}))
+    refused(["eval", tiny_dir, "--adapter", adapter, "--limit", "1", "--out", tmp_path / "e"],
+            "PEFT would recompute its base")

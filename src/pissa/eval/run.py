@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PissaError
-from ..io.adapter_files import lora_pairs, read_adapter_config, read_lora_form
+from ..io.adapter_files import base_changing_init, lora_pairs, read_adapter_config, read_lora_form
 from ..io.atomic import atomic_output_dir, check_output_dir
 from ..layout import (
     ADAPTER_CONFIG_FILE,
@@ -170,9 +170,21 @@ def load_target(target: Target, dtype: str = "auto", trust_remote_code: bool = F
 
         check_adapter_fits(model, target.adapter, target.model)
         check_pissa_base(target)
+        check_no_recomputed_base(target.adapter)
         model = PeftModel.from_pretrained(model, str(target.adapter))
     check_finite_weights(model, target)
     return model.eval(), tokenizer
+
+
+def check_no_recomputed_base(adapter: Path) -> None:
+    """An adapter whose config makes PEFT recompute the base on load (init_lora_weights "pissa_niter_4", ...)
+    would be evaluated on a base that is neither the original nor the residual it trained on."""
+    init = base_changing_init(read_adapter_config(adapter))
+    if init is not None:
+        raise PissaError(f"{adapter} says init_lora_weights={init!r}: PEFT would recompute its base on loading it "
+                         f"(a new random draw for randomized SVD), so no evaluation of it is meaningful. Convert it "
+                         f"first with `pissa convert {adapter} --init INITIAL_ADAPTER` and evaluate the converted "
+                         "adapter on the original model")
 
 
 def check_finite_weights(model, target: Target) -> None:
