@@ -20,7 +20,7 @@ from ..io.reader import CheckpointReader, TensorEntry
 from ..layout import LayerKind, kind_of
 from ..models import check_not_quantized, meta_model
 from .config import PissaConfig
-from .targets import check_tied, embeddings_saved, lora_config, resolve_targets
+from .targets import check_tied, embeddings_saved, resolve_targets
 
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
@@ -78,10 +78,10 @@ def make_plan(folder: str | Path, config: PissaConfig, trust_remote_code: bool =
     reader = CheckpointReader(folder)
     model = meta_model(folder, trust_remote_code)
     check_not_quantized(model)
-    ranks = resolve_targets(model, config)
+    resolved = resolve_targets(model, config)
+    ranks, lora = resolved.modules, resolved.lora
     check_tied(model, ranks)
     modules = dict(model.named_modules())
-    lora = lora_config(config, model, list(ranks))
     save_base = embeddings_saved(model, lora, ranks)
     targets = {}
     for name, rank in ranks.items():
