@@ -7,14 +7,18 @@ import math
 from contextlib import ExitStack
 from pathlib import Path
 
+import torch
+
 from ..dtypes import dtype_name
 from ..errors import PissaError
 from ..io.jsonfile import write_json as write_plain_json
 from ..io.manifest import build_manifest
 from ..io.reader import DTYPES
 from ..io.writer import ShardWriter, copy_side_files, layout, os_error, write_index
-from ..layout import ADAPTER_DIR, ADAPTER_KEY_PREFIX, ADAPTER_WEIGHTS_FILE, RESIDUAL_DIR
+from ..layout import ADAPTER_DIR, ADAPTER_KEY_PREFIX, ADAPTER_WEIGHTS_FILE, LINEAR, LINEAR_KEYS, RESIDUAL_DIR
 from .config import PissaConfig
+from .expert_layers import expert_info
+from .experts import ExpertTarget
 from .plan import Plan
 from .shard_job import adapter_part, read_record
 
@@ -27,8 +31,11 @@ def finalize(model: str, plan: Plan, config: PissaConfig, work: Path, out: Path)
         if record is None:
             raise PissaError(f"shard {shard} was not completed by any worker; run the same command again to resume")
         records.update(record)
-    order = [t.module for t in plan.targets.values()]
+    order = [t.module for t in plan.targets.values() if t.expert is None]
     layers = {m: records[m] for m in order}
+    for t in plan.experts.values():  # one entry per fused tensor, as the in-memory path writes it
+        infos = [records[t.matrix_name(e, p)] for e in range(t.tensor.num_experts) for p in range(t.layout.n_parts)]
+        layers[t.adapter_module] = expert_info(infos, t, sum(i["seconds"] for i in infos))
     trainable = write_adapter_folder(plan, work, out, order)
     write_residual_index(plan, work)
     copy_side_files(plan.reader.folder, work / RESIDUAL_DIR, tokenizer_to=work / ADAPTER_DIR)
@@ -42,6 +49,7 @@ def finalize(model: str, plan: Plan, config: PissaConfig, work: Path, out: Path)
         residual_dtype=residual_dtype,
         trainable_params=trainable,
         quantization=quantization,
+        coverage=plan.coverage,
     )
 
 
@@ -77,10 +85,34 @@ def write_adapter_folder(plan: Plan, work: Path, out: Path, order: list[str]) ->
         keys = [k for m in order for k in sorted(k for k in where if k.startswith(m + "."))]  # (base,) A, B
         specs = [(ADAPTER_KEY_PREFIX + k, where[k].get_slice(k).get_dtype(), tuple(where[k].get_slice(k).get_shape()))
                  for k in keys]
+        packed = {t.adapter_module: t for t in plan.experts.values()}
+        for module, t in packed.items():
+            dtype = where[expert_factor_keys(t, 0, 0)[0]].get_slice(expert_factor_keys(t, 0, 0)[0]).get_dtype()
+            (out, n_in), E, R = t.tensor.matrix_shape, t.tensor.num_experts, t.peft_rank
+            specs += [(ADAPTER_KEY_PREFIX + module + LINEAR_KEYS[0], dtype, (R * E, n_in)),
+                      (ADAPTER_KEY_PREFIX + module + LINEAR_KEYS[1], dtype, (out, R * E))]
         with ShardWriter(folder / ADAPTER_WEIGHTS_FILE, layout(specs), {"format": "pt"}) as w:
             for k in keys:
                 w.write(ADAPTER_KEY_PREFIX + k, where[k].get_tensor(k))
+            for module, t in packed.items():  # one fused tensor's factors in memory at a time
+                for key, tensor in zip(t.layout.factor_keys(module), packed_factors(t, where), strict=True):
+                    w.write(key, tensor)
     return sum(math.prod(s[2]) for s in specs)
+
+
+def expert_factor_keys(t: ExpertTarget, expert: int, part: int) -> tuple[str, str]:
+    """The keys a shard job stores one expert matrix's A (k, in) and B (out/parts, k) under."""
+    return LINEAR.factor_keys(t.matrix_name(expert, part), prefix="")
+
+
+def packed_factors(t: ExpertTarget, where: dict) -> tuple:
+    """PEFT's lora_A (R*E, in), lora_B (out, R*E) of a fused tensor from its experts' per-matrix factors."""
+    As, Bs = [], []
+    for p in range(t.layout.n_parts):
+        keys = [expert_factor_keys(t, e, p) for e in range(t.tensor.num_experts)]
+        As.append(torch.stack([where[a].get_tensor(a) for a, _ in keys]))  # (E, k, in)
+        Bs.append(torch.stack([where[b].get_tensor(b) for _, b in keys]))  # (E, out/parts, k)
+    return t.layout.pack(*t.layout.block_factors(As, Bs))
 
 
 def write_residual_index(plan: Plan, work: Path) -> None:
