@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ..init.config import PissaConfig
+from ..init.coverage import coverage_rows
 from ..init.stream import StreamOptions
 from .app import app, console, human_bytes, layer_progress, summary_table, user_errors
 from .options import config_command, parse_key_values
@@ -75,13 +76,29 @@ def init_command(
         ("method", f"{config.method} {config.options or ''}".strip()),
         ("layers", str(summary["layers"])),
         ("ranks", ", ".join(map(str, summary["ranks"]))),
+        *expert_rows(result.manifest),
         ("trainable params", f"{result.trainable_params:,}"),
+        *coverage_rows(result.manifest.get("coverage")),
         recon_row(config, summary),
         *quant_rows(result.manifest),
         *stream_rows(result.manifest),
         ("wall time", f"{result.seconds:.1f} s"),
         *[(f"{out / name}", human_bytes(size)) for name, size in result.sizes().items()],
     ]))
+
+
+def expert_rows(manifest: dict) -> list[tuple[str, str]]:
+    """How the fused expert tensors of a MoE model were decomposed (none for a dense model)."""
+    experts = [info for info in manifest["layers"].values() if info.get("kind") == "experts"]
+    if not experts:
+        return []
+    counts = sorted({info["num_experts"] for info in experts})
+    fused = [info for info in experts if info["layout"]["parts"]]
+    ranks = ", ".join(sorted({str(i["rank"]) for i in experts}))
+    how = f"each expert's matrices decomposed on their own at rank {ranks}"
+    if fused:
+        how += f"; gate and up separately, so gate_up_proj adapters have rank {fused[0]['peft_rank']}"
+    return [("expert tensors", f"{len(experts)} fused tensors x {'/'.join(map(str, counts))} experts ({how})")]
 
 
 def recon_row(config: PissaConfig, summary: dict) -> tuple[str, str]:

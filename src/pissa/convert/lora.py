@@ -29,6 +29,7 @@ from ..io.adapter_files import write_adapter
 from ..io.atomic import atomic_output_dir, check_output_dir, dir_size
 from ..io.jsonfile import write_json
 from ..layout import CONVERSION_FILE, EMBEDDING, LINEAR
+from .experts import check_expert_ranks, compressed_config, convert_experts, split_experts
 from .inputs import (
     base_model_of,
     check_compress_rank,
@@ -150,11 +151,13 @@ def convert_to_lora(
     out = check_output_dir(out, overwrite)
     manifest, init_config, init = read_init(init_dir)
     trained_config, trained, others, embeddings = read_lora_adapter(trained_dir, "trained adapter")
+    experts = split_experts(manifest, trained, init, trained_dir, init_dir)  # fused MoE expert tensors, per expert
+    check_expert_ranks(trained_config, experts, trained_dir)
     check_config_ranks(trained_config, trained, trained_dir)
     check_same_layers(trained, init, trained_dir, init_dir)
     if check_init:
         check_provenance(trained_config, init_dir, trained_dir)
-    similarity = {m: init_similarity(trained[m], init[m]) for m in trained}
+    similarity = {m: init_similarity(trained[m], init[m]) for m in trained} | experts.similarity()
     if check_init:  # after the provenance check: its message is the more precise one
         check_init_match(similarity, trained_dir, init_dir)
     if rank is not None:
@@ -162,8 +165,8 @@ def convert_to_lora(
 
     config = lora_config_2r(trained_config, base_model_of(manifest))
     if rank is not None:
-        config = lora_config_compressed(config, rank)
-    state, layers = {}, {}
+        config = compressed_config(lora_config_compressed(config, rank), experts, list(trained), rank)
+    state, layers = convert_experts(experts, trained_config, init_config, config, rank)
     for done, module in enumerate(sorted(trained), 1):
         s_t, s_i, s_out = layer_scale(trained_config, module), layer_scale(init_config, module), \
             layer_scale(config, module)

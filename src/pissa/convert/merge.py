@@ -33,6 +33,7 @@ from ..layout import (
     is_init_dir,
     kind_from_factors,
 )
+from .experts import expert_updates
 from .inputs import layer_scale, read_lora_adapter
 
 
@@ -129,7 +130,7 @@ def plan_merge(adapter: Path, reader: CheckpointReader) -> tuple[dict[str, Updat
         raise PissaError(f"{adapter} holds full weights ({next(iter(others))}, from modules_to_save); merge "
                          "supports LoRA layers only")
     mode = check_pairing(adapter, config, reader.folder)
-    plan = {}
+    plan = expert_updates(adapter, config, pairs, reader)  # fused MoE expert tensors (taken out of `pairs`)
     for module, (A, B) in pairs.items():
         key = weight_key(module, reader)
         kind = kind_from_factors(A, module in embeddings, bool(config.get("fan_in_fan_out")))
@@ -147,6 +148,8 @@ def plan_merge(adapter: Path, reader: CheckpointReader) -> tuple[dict[str, Updat
 
 def merged(W: torch.Tensor, update: Update) -> torch.Tensor:
     """W + scale·B@A in W's stored layout, added in fp32 and rounded once to W's dtype."""
+    if hasattr(update, "merge_into"):  # a whole fused expert tensor (convert.experts.FusedUpdate)
+        return update.merge_into(W)
     delta = update.scale * (update.B.flatten(1).float() @ update.A.flatten(1).float())  # (out, in)
     matrix = update.kind.to_matrix(W.float()) + delta  # (out, in)
     return update.kind.from_matrix(matrix, W.shape).to(W.dtype)

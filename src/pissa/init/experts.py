@@ -18,8 +18,11 @@ config as written (it rewrites `target_modules` of some MoE families on transfor
 
 from __future__ import annotations
 
+import ast
 import copy
 import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +130,33 @@ def router_modules(model: nn.Module) -> dict[str, nn.Module]:
 def default_expert_targets(tensors: dict[str, ExpertTensor]) -> list[str]:
     """`target_parameters` naming every expert tensor: `experts.gate_up_proj`-style suffixes."""
     return sorted({f"{t.module.rsplit('.', 1)[-1]}.{t.param}" for t in tensors.values()})
+
+
+def adapter_experts(model: nn.Module, target_parameters) -> dict[str, ExpertTensor]:
+    """Where an adapter with these `target_parameters` keeps each fused tensor's factors on `model`: the
+    module path PEFT saves them under (`layout.wrapper_modules`) -> the tensor. PEFT's own matching: a name
+    equal to the parameter's or a suffix of it."""
+    names = list(target_parameters or ())
+    by_module: dict[str, list[ExpertTensor]] = {}
+    for key, t in expert_tensors(model).items():
+        if any(key == n or key.endswith(f".{n}") for n in names):
+            by_module.setdefault(t.module, []).append(t)
+    found = {}
+    for module, ts in by_module.items():
+        paths = wrapper_modules(module, [t.param for t in ts])
+        found.update({paths[t.param]: t for t in ts})
+    return found
+
+
+def check_expert_factors(tensor: ExpertTensor, A: torch.Tensor, B: torch.Tensor, where: str) -> int:
+    """The per-expert rank R of PEFT factors A (R*E, in), B (out, R*E) of `tensor`, or a PissaError naming `where`."""
+    out, n_in = tensor.matrix_shape
+    E = tensor.num_experts
+    R = A.shape[0] // E if A.ndim == 2 else 0
+    if A.ndim != 2 or B.ndim != 2 or A.shape != (R * E, n_in) or B.shape != (out, R * E) or R == 0:
+        raise PissaError(f"{where}: the factors A {tuple(A.shape)}, B {tuple(B.shape)} do not fit {tensor.key} "
+                         f"({E} experts of {out}x{n_in}); the adapter was made for another model")
+    return R
 
 
 # --- ranks, scales and PEFT's patterns ---------------------------------------------------------------
@@ -266,3 +296,24 @@ def check_peft_keeps(lora, model: nn.Module, user_targets: bool) -> None:
         "when it loads an adapter (huggingface/peft#3711), so these dense or shared-expert layers cannot get a "
         "stock-loadable adapter; leave them out (the routed experts are targeted as experts.gate_up_proj and "
         "experts.down_proj)")
+
+
+SPURIOUS = re.compile(r"The following (?:rank|alpha)_pattern keys did not match any targeted module and were "
+                      r"ignored: (\[.*\])\.")
+
+
+@contextmanager
+def pattern_warnings_checked(target_parameters):
+    """Run PEFT, dropping only its spurious warning that a rank/alpha pattern of a targeted expert tensor
+    "did not match any targeted module": PEFT 0.21.2 checks patterns against target_modules only, and the
+    pattern does apply (the ParamWrapper gets its rank). Every other warning is re-issued as it was."""
+    params = list(target_parameters or ())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        found = SPURIOUS.search(str(w.message))
+        keys = ast.literal_eval(found.group(1)) if found else None
+        if keys and all(any(re.match(rf"(.*\.)?({k})$", p) for p in params) for k in keys):
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -55,6 +55,7 @@ def init_model(
     from peft import get_peft_model
 
     from .expert_layers import check_wrapped, init_experts_
+    from .experts import pattern_warnings_checked
 
     config = config or PissaConfig()
     check_not_quantized(model)
@@ -65,7 +66,8 @@ def init_model(
                          "--dora or leave the experts out of --targets")
     peft_config = targets.lora
     peft_config.use_dora = dora
-    peft_model = get_peft_model(model, peft_config)
+    with pattern_warnings_checked(peft_config.target_parameters):
+        peft_model = get_peft_model(model, peft_config)
     check_wrapped(peft_model, targets)
     report, total = {}, len(targets.modules) + len(targets.experts)
     modules = dict(peft_model.base_model.model.named_modules())

@@ -23,7 +23,7 @@ from ..io.atomic import atomic_output_dir, check_output_dir, dir_size
 from ..io.manifest import build_manifest, read_manifest, write_manifest
 from ..io.reader import is_safetensors_folder
 from ..layout import ADAPTER_CONFIG_FILE, ADAPTER_DIR, MANIFEST_FILE, RESIDUAL_DIR, InitDir
-from ..models import load_model, resolve_model
+from ..models import load_model, meta_model, resolve_model
 from .config import PissaConfig
 from .coverage import coverage
 from .layers import init_model, residual_state_dict
@@ -96,6 +96,7 @@ def init_in_memory(model: str, resolved: str, config: PissaConfig, out: Path, ov
                    trust_remote_code: bool, progress) -> dict:
     """Load the whole model, initialise it with PEFT in memory, and write OUT; returns the manifest."""
     out = check_output_dir(out, overwrite)  # fail before the (slow) load, not after
+    resolve_targets(meta_model(resolved, trust_remote_code), config)  # bad targets fail before the load too
     base, tokenizer, path = load_model(resolved, dtype, trust_remote_code)
     covered = coverage(base, resolve_targets(base, config))  # before PEFT wraps the model
     peft_model, layers = init_model(base, config, progress)

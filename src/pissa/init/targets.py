@@ -202,6 +202,15 @@ def resolve_moe(model: nn.Module, config: PissaConfig, tensors: dict) -> Targets
         raise PissaError(f"no layer or expert tensor matches targets {config.targets!r}; linear layers are named "
                          f"{', '.join(default_targets(model))}, expert tensors "
                          f"{', '.join(default_expert_targets(tensors))}")
+    if keys and config.quantize is not None:
+        raise PissaError(
+            f"--quantize {config.quantize}: bitsandbytes 4-bit does not quantize fused expert tensors (transformers "
+            "loads them unquantized), so QPiSSA would quantize only the linear layers while the experts, most of "
+            "the weights, stay in 16 bits. Drop --quantize, or leave the experts out of --targets (e.g. --targets "
+            "q_proj k_proj v_proj o_proj) to fit the linear layers only")
+    if config.quantize is not None:
+        left_out.update({k: "expert tensor: bitsandbytes does not quantize it, it stays in 16 bits"
+                         for k in tensors if k not in keys})
     if keys and config.dropout:
         raise PissaError(f"--dropout {config.dropout}: PEFT cannot apply LoRA dropout to fused expert tensors "
                          "(its ParamWrapper needs dropout 0); drop --dropout or leave the experts out of --targets")
