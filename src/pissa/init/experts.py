@@ -108,8 +108,10 @@ def expert_tensors(model: nn.Module) -> dict[str, ExpertTensor]:
 
 
 def expert_containers(model: nn.Module) -> set[str]:
-    """Names of the modules that hold fused experts (not targets themselves: their tensors are)."""
-    return {n for n, m in model.named_modules() if is_experts_module(m)}
+    """Names of the modules that hold fused experts, and of their submodules (an activation): not targets
+    themselves, their fused tensors are."""
+    boxes = [n for n, m in model.named_modules() if is_experts_module(m)]
+    return {n for n, _ in model.named_modules() if any(n == b or n.startswith(b + ".") for b in boxes)}
 
 
 def router_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -273,15 +275,31 @@ def peft_rewrites(lora, model: nn.Module) -> list[str]:
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
     except ImportError:  # a PEFT without the transformers-5 conversion rewrites nothing
         return []
-    probe = copy.deepcopy(lora)
-    convert_peft_config_for_transformers(probe, model=model, conversions=None)
-    before = lora.target_modules if isinstance(lora.target_modules, str) else set(lora.target_modules or ())
-    after = probe.target_modules if isinstance(probe.target_modules, str) else set(probe.target_modules or ())
-    changed = (before != after or set(lora.target_parameters or ()) != set(probe.target_parameters or ())
-               or dict(lora.rank_pattern) != dict(probe.rank_pattern))
-    if not changed:
+    def rewritten(config) -> bool:
+        probe = copy.deepcopy(config)
+        try:
+            convert_peft_config_for_transformers(probe, model=model, conversions=None)
+        except ValueError:  # e.g. gate_proj named without up_proj: PEFT refuses to convert half a fused pair
+            return True
+        return (as_set(config.target_modules) != as_set(probe.target_modules)
+                or set(config.target_parameters or ()) != set(probe.target_parameters or ())
+                or dict(config.rank_pattern) != dict(probe.rank_pattern))
+
+    if not rewritten(lora):
         return []
-    return sorted(before - after) if isinstance(before, set) and isinstance(after, set) else [str(before)]
+    if isinstance(lora.target_modules, str):
+        return [lora.target_modules]
+    return [t for t in sorted(lora.target_modules or ()) if rewritten(with_targets(lora, {t}))]
+
+
+def with_targets(lora, target_modules):
+    one = copy.deepcopy(lora)
+    one.target_modules = target_modules
+    return one
+
+
+def as_set(targets):
+    return targets if isinstance(targets, str) else set(targets or ())
 
 
 def check_peft_keeps(lora, model: nn.Module, user_targets: bool) -> None:

@@ -214,6 +214,9 @@ class SFTRecipe:
         """With --train-singular-values, the PiSSA adapter re-expressed as B·diag(S)·A (train.singular_values)."""
         if not self.config.train_singular_values:
             return peft_model
+        if peft_model.peft_config[ADAPTER_NAME].target_parameters:
+            raise PissaError("--train-singular-values: PEFT's AdaLoRA cannot adapt fused MoE expert tensors; drop "
+                             "it, or leave the experts out of --targets")
         from .singular_values import to_singular_value_adapters
 
         return to_singular_value_adapters(peft_model, self.config.orth_reg_weight, self._planned_steps())
