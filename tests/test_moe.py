@@ -334,3 +334,55 @@ def test_analyze_an_expert_matrix():
     assert {"experts.gate_proj", "experts.up_proj", "experts.down_proj", "q_proj"} <= set(analysis.distributions)
     lora, pissa = analysis.gradients["LoRA"], analysis.gradients["PiSSA"]
     assert lora["A"]["max_abs"] == 0.0 and pissa["A"]["max_diff_vs_seed0"] == 0.0 and min(pissa["A"]["norms"]) > 0
+
+
+def test_batched_experts_equal_one_at_a_time(monkeypatch, moe_dirs, tmp_path, moe_tokens):
+    """The batched paths (in memory on a GPU; streaming with --batch-same-shape or --device cuda), run on the CPU."""
+    from pissa.init import expert_layers
+
+    config = PissaConfig(rank=4, options={"niter": 2}, seed=1)
+    single, _ = init_model(build_tiny_moe("mixtral"), config)
+    monkeypatch.setattr(expert_layers, "batched", lambda device: True)
+    batch, _ = init_model(build_tiny_moe("mixtral"), config)
+    for (name, a), (_, b) in zip(single.named_parameters(), batch.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    run_init(str(moe_dirs["mixtral"]), config, tmp_path / "one")
+    run_init(str(moe_dirs["mixtral"]), config, tmp_path / "batched", batch=True)
+    a, b = tensors(tmp_path / "one/adapter"), tensors(tmp_path / "batched/adapter")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_cli_init_summary_tells_experts_coverage_and_routers(moe_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from pissa.cli import app
+
+    result = CliRunner().invoke(app, ["init", str(moe_dirs["qwen2_moe"]), "--rank", "4", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    for label in ("expert tensors", "coverage", "not targeted"):  # row labels (values wrap with the terminal)
+        assert label in result.output
+    assert "WARNING" not in result.output
+    narrow = CliRunner().invoke(app, ["init", str(moe_dirs["qwen2_moe"]), "--targets", "q_proj", "--out",
+                                      str(tmp_path / "q")])
+    assert narrow.exit_code == 0 and "WARNING" in narrow.output and "expert tensors" not in narrow.output
+
+
+def test_train_from_an_moe_init(moe_dirs, tmp_path, data_file):
+    from helpers import char_tokenizer, train_config
+    from pissa.train import SFTRecipe
+
+    src = tmp_path / "model"
+    build_tiny_moe("mixtral").save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    run_init(str(src), PissaConfig(rank=4), tmp_path / "init")
+    with pytest.raises(PissaError, match="no DoRA for them"):
+        SFTRecipe(train_config(tmp_path, src, data_file, name="dora", model=None, init=str(tmp_path / "init"),
+                               dora=True, max_steps=1)).run()
+    summary = SFTRecipe(train_config(tmp_path, src, data_file, model=None, init=str(tmp_path / "init"),
+                                     max_steps=2)).run()
+    adapter = tensors(tmp_path / "run/adapter")
+    initial = tensors(tmp_path / "init/adapter")
+    assert summary["steps"] == 2 and sorted(adapter) == sorted(initial)
+    moved = [k for k in adapter if "experts" in k and not torch.equal(adapter[k], initial[k])]
+    assert moved  # PEFT trained the expert adapters

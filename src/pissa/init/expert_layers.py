@@ -36,13 +36,19 @@ def expert_info(infos: list[dict], target: ExpertTarget, seconds: float) -> dict
     }
 
 
+def batched(device: torch.device) -> bool:
+    """Batch the experts of a tensor on GPUs, where one small SVD leaves the device idle; never on the CPU, where
+    the streaming init (one checkpoint tensor at a time) gives the same bits only without batching."""
+    return device.type != "cpu"
+
+
 def decompose_experts(matrices: list[torch.Tensor], names: list[str], target: ExpertTarget, config, device):
     """Factors of same-shape expert matrices: one at a time on the CPU (as streaming does), in batched calls
     of at most BATCH_BYTES on a GPU."""
     from .layers import decompose_weight
     from .shard_job import decompose_weights
 
-    if device.type == "cpu":
+    if not batched(device):
         return [decompose_weight(W, n, config, target.rank, target.scale) for W, n in zip(matrices, names, strict=True)]
     per = max(1, BATCH_BYTES // (matrices[0].numel() * 4))
     return [f for i in range(0, len(matrices), per)
