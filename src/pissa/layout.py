@@ -8,7 +8,8 @@ Orientation (PEFT's, used everywhere in pissa):
     update = scale * B @ A,  scale = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
 A layer kind says how its stored weight maps to that (out, in) matrix and back, and under which
-keys PEFT saves its factors. Imports torch only.
+keys PEFT saves its factors; `ExpertLayout` does so for the fused 3-D expert tensors of MoE models, one
+(out, in) matrix per expert. Imports torch only.
 """
 
 from __future__ import annotations

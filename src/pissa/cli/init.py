@@ -27,10 +27,11 @@ def init_command(
     ),
     option: list[str] = typer.Option([], "--option", help="Any other method option as KEY=VALUE (repeatable)."),
     targets: list[str] = typer.Option(
-        [], "--targets", "-t", help="Module names to adapt (repeatable, or several after one flag); default every "
-                                    "linear layer but the head."
+        [], "--targets", "-t", help="Module or MoE expert-tensor names to adapt (repeatable, or several after one "
+                                    "flag); default every linear layer but the head, and every expert tensor."
     ),
-    target_regex: str = typer.Option(None, "--target-regex", help="One regex over full module names instead."),
+    target_regex: str = typer.Option(None, "--target-regex",
+                                     help="One regex over full module (and expert-tensor) names instead."),
     dtype: str = typer.Option("auto", "--dtype", help="Load and residual dtype: auto (as stored), bf16, fp16, fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
@@ -53,6 +54,8 @@ def init_command(
       torchrun --nproc-per-node 8 -m pissa.cli init ./Llama-70B --device cuda --out out/llama70b-r64
 
       pissa init smollm2-135m --rank 64 --quantize nf4 --quant-iters 5 --out out/qpissa-r64
+
+      pissa init ./Qwen3-30B-A3B --rank 16 --niter 4 --out out/qwen3-moe-r16   (MoE: every expert gets its own PiSSA)
 
       pissa init smollm2-135m --rank 64 --quantize nf4 --quant-fit loftq --quant-iters 5 --out out/loftq-r64
     """
