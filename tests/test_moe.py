@@ -386,3 +386,16 @@ def test_train_from_an_moe_init(moe_dirs, tmp_path, data_file):
     assert summary["steps"] == 2 and sorted(adapter) == sorted(initial)
     moved = [k for k in adapter if "experts" in k and not torch.equal(adapter[k], initial[k])]
     assert moved  # PEFT trained the expert adapters
+
+
+def test_non_finite_expert_is_refused_before_anything_changes(tmp_path):
+    model = build_tiny_moe("qwen3_moe")
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 3, 4] = float("nan")
+    with pytest.raises(PissaError, match=r"layers\.1\.mlp\.experts\.down_proj.*NaN"):
+        init_model(model, CONFIG)
+    assert type(model.model.layers[1].mlp.experts).__name__ == "Qwen3MoeExperts"  # not wrapped by PEFT
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(PissaError, match=r"layers\.1\.mlp\.experts\.down_proj\.2.*NaN"):
+        run_init(str(tmp_path / "src"), CONFIG, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

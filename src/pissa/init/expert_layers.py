@@ -80,6 +80,19 @@ def init_experts_(wrapper, target: ExpertTarget, config, adapter: str) -> dict:
     return expert_info([i for per in infos for i in per], target, time.perf_counter() - start)
 
 
+def check_expert_weights(model, experts: dict[str, ExpertTarget]) -> None:
+    """Refuse a non-finite expert tensor before PEFT wraps anything (the model is changed in place)."""
+    params = dict(model.named_parameters())
+    for key in experts:
+        W = params[key].detach()
+        if not W.is_floating_point():
+            raise PissaError(f"{key}: dtype {W.dtype} is not a float weight (already quantized?); give the "
+                             "unquantized fp32/bf16/fp16 checkpoint")
+        if not torch.isfinite(W.sum()) and not torch.isfinite(W).all():
+            raise PissaError(f"{key}: contains {int((~torch.isfinite(W)).sum())} NaN/Inf values; fix or re-export "
+                             "the checkpoint")
+
+
 def check_wrapped(peft_model, targets) -> None:
     """The modules and parameters PEFT wrapped are the ones pissa decomposes, with the ranks it planned."""
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper

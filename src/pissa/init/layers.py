@@ -54,13 +54,14 @@ def init_model(
     """
     from peft import get_peft_model
 
-    from .expert_layers import check_wrapped, init_experts_
+    from .expert_layers import check_expert_weights, check_wrapped, init_experts_
     from .experts import pattern_warnings_checked
 
     config = config or PissaConfig()
     check_not_quantized(model)
     targets = resolve_targets(model, config)
     check_targets(model, targets.modules)
+    check_expert_weights(model, targets.experts)
     if dora and targets.experts:
         raise PissaError("--dora: PEFT has no DoRA for fused expert tensors (its ParamWrapper refuses it); drop "
                          "--dora or leave the experts out of --targets")
