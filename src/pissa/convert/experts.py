@@ -52,8 +52,9 @@ class Experts:
         return {m: init_similarity(self.trained[m], self.init[m]) for m in self.trained}
 
 
-def split_experts(manifest: dict, trained: dict, init: dict, trained_dir, init_dir) -> Experts:
-    """Move the fused-expert modules out of `trained` and `init` (in place) and check they pair up."""
+def split_experts(manifest: dict, trained_config: dict, trained: dict, init: dict, trained_dir, init_dir) -> Experts:
+    """Move the fused-expert modules out of `trained` and `init` (in place) and check they pair up and that the
+    trained adapter's config gives them their ranks."""
     refs = expert_refs(manifest)
     experts = Experts(refs, {m: trained.pop(m) for m in refs if m in trained}, {m: init.pop(m) for m in refs})
     missing = sorted(set(refs) - set(experts.trained))
@@ -66,6 +67,7 @@ def split_experts(manifest: dict, trained: dict, init: dict, trained_dir, init_d
             raise PissaError(f"expert tensor {refs[m].parameter}: trained A {tuple(A1.shape)}, B {tuple(B1.shape)} "
                              f"but init A {tuple(A0.shape)}, B {tuple(B0.shape)}; give the --init folder it was "
                              "trained from")
+    check_expert_ranks(trained_config, experts, trained_dir)
     return experts
 
 

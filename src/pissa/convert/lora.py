@@ -29,7 +29,7 @@ from ..io.adapter_files import write_adapter
 from ..io.atomic import atomic_output_dir, check_output_dir, dir_size
 from ..io.jsonfile import write_json
 from ..layout import CONVERSION_FILE, EMBEDDING, LINEAR
-from .experts import check_expert_ranks, compressed_config, convert_experts, split_experts
+from .experts import compressed_config, convert_experts, split_experts
 from .inputs import (
     base_model_of,
     check_compress_rank,
@@ -151,8 +151,7 @@ def convert_to_lora(
     out = check_output_dir(out, overwrite)
     manifest, init_config, init = read_init(init_dir)
     trained_config, trained, others, embeddings = read_lora_adapter(trained_dir, "trained adapter")
-    experts = split_experts(manifest, trained, init, trained_dir, init_dir)  # fused MoE expert tensors, per expert
-    check_expert_ranks(trained_config, experts, trained_dir)
+    experts = split_experts(manifest, trained_config, trained, init, trained_dir, init_dir)  # MoE experts: per expert
     check_config_ranks(trained_config, trained, trained_dir)
     check_same_layers(trained, init, trained_dir, init_dir)
     if check_init:
