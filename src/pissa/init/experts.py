@@ -176,7 +176,7 @@ def expert_targets(config, tensors: list[ExpertTensor], all_targeted: dict[str, 
     found = {}
     for t in tensors:
         rank = int(pattern_value(config.rank_pattern, t.key, config.rank))
-        alpha = config.alpha_for(rank) if config.alpha is None else config.alpha
+        alpha = config.alpha_for(rank)
         scale = lora_scale(peft_alpha(alpha, rank, t.layout.n_parts, config.use_rslora), rank * t.layout.n_parts,
                            config.use_rslora)
         out, n_in = t.part_shape
@@ -218,15 +218,13 @@ def expert_patterns(config, modules: dict[str, int], experts: dict[str, ExpertTa
         claimed |= hits
         t = fused[next(iter(hits))]
         rank_pattern[pattern] = t.peft_rank
-        alpha = config.alpha_for(t.rank) if config.alpha is None else config.alpha
-        alpha_pattern[pattern] = peft_alpha(alpha, t.rank, t.layout.n_parts, config.use_rslora)
+        alpha_pattern[pattern] = peft_alpha(config.alpha_for(t.rank), t.rank, t.layout.n_parts, config.use_rslora)
     rest = [k for k in fused if k not in claimed]
     if rest:
         pattern = own_pattern(rest, [*others, *claimed])
         t = fused[rest[0]]
         rank_pattern[pattern] = t.peft_rank
-        alpha_pattern[pattern] = peft_alpha(config.alpha_for(config.rank) if config.alpha is None else config.alpha,
-                                            t.rank, t.layout.n_parts, config.use_rslora)
+        alpha_pattern[pattern] = peft_alpha(config.alpha_for(t.rank), t.rank, t.layout.n_parts, config.use_rslora)
     check_patterns(config, rank_pattern, alpha_pattern, modules, experts)
     return rank_pattern, alpha_pattern
 
