@@ -36,6 +36,44 @@ def build_tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
+
+
+def tiny_moe_config(family: str, **overrides):
+    """A 2-layer MoE config (hidden 32, 4 experts of intermediate 24, top-2): sizes are multiples of 8 so
+    every experts implementation (grouped_mm included) runs on the CPU, and 2I = 48 != hidden."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, max_position_embeddings=128, tie_word_embeddings=False, num_experts_per_tok=2)
+    if family == "qwen3_moe":
+        config = Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24, num_experts=4)
+    elif family == "mixtral":
+        config = MixtralConfig(**common, intermediate_size=24, num_local_experts=4)
+    elif family == "qwen2_moe":  # also a shared expert (plain linear layers) and its scalar gate
+        config = Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24,
+                                shared_expert_intermediate_size=40, num_experts=4)
+    else:
+        raise ValueError(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_tiny_moe(family: str, seed: int = 0, **overrides):
+    """A tiny MoE causal LM from a config with every matrix (experts and routers too, which transformers
+    leaves empty or zero) drawn from N(0, 0.1), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(family, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant: {% endif %}")
 RECORDS = [{"query": f"{a} + {b}?", "response": f"{a} + {b} = {a + b}. The answer is: {a + b}"}

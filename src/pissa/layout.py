@@ -8,7 +8,8 @@ Orientation (PEFT's, used everywhere in pissa):
     update = scale * B @ A,  scale = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
 A layer kind says how its stored weight maps to that (out, in) matrix and back, and under which
-keys PEFT saves its factors. Imports torch only.
+keys PEFT saves its factors; `ExpertLayout` does so for the fused 3-D expert tensors of MoE models, one
+(out, in) matrix per expert. Imports torch only.
 """
 
 from __future__ import annotations
@@ -220,6 +221,117 @@ def matrix_shape(module: nn.Module) -> tuple[int, int]:
     if kind is None:
         return tuple(weight.shape[:2])
     return tuple(kind.to_matrix(torch.empty(weight.shape, device="meta")).shape)
+
+
+# --- fused 3-D expert tensors (transformers 5 MoE blocks) -------------------------------------------
+
+EXPERTS = "experts"  # the layer kind of a fused expert tensor (manifest `kind`)
+GATE_UP = "gate_up_proj"  # the fused tensor that holds two matrices per expert (gate, up)
+GATE_UP_PARTS = ("gate", "up")
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a fused expert tensor of shape (E, ., .) holds each expert's (out, in) matrix, and how PEFT's
+    `ParamWrapper` (`LoraConfig(target_parameters=...)`) packs the factors of all E experts.
+
+    Expert e's matrix is P[e] (out, in), or P[e].T when `transposed` (gpt-oss stores (E, in, out)). A fused
+    gate_up tensor holds `parts` = (gate, up) along `out`: rows [:out/2] then [out/2:], or alternating rows
+    when `interleaved` (gpt-oss). pissa decomposes each part of each expert on its own at rank k, as it does
+    a dense model's gate_proj and up_proj, so an expert's adapter has rank R = k * len(parts):
+        A_e = [A_gate; A_up]   (R, in)        B_e = blockdiag(B_gate, B_up)   (out, R)
+    PEFT packs the experts as
+        lora_A (R*E, in):   expert e at rows e*R .. (e+1)*R
+        lora_B (out, R*E):  expert e at columns e::E   (column j*E + e holds B_e[:, j])
+    and adds scale * B_e @ A_e to expert e's matrix (the delta's transpose when `transposed`).
+    """
+
+    parts: tuple[str, ...] = ()  # () for one matrix per expert (down_proj)
+    transposed: bool = False
+    interleaved: bool = False
+    name: str = EXPERTS
+
+    @property
+    def n_parts(self) -> int:
+        return max(1, len(self.parts))
+
+    def part_names(self) -> tuple[str, ...]:
+        return self.parts or ("",)
+
+    def matrices(self, P: torch.Tensor) -> torch.Tensor:
+        """The stored (E, ., .) tensor as its experts' (E, out, in) matrices (a view)."""
+        return P.transpose(-2, -1) if self.transposed else P
+
+    def from_matrices(self, M: torch.Tensor) -> torch.Tensor:
+        """(E, out, in) matrices back in the stored layout (inverse of `matrices`)."""
+        return (M.transpose(-2, -1) if self.transposed else M).contiguous()
+
+    def rows(self, out: int, part: int) -> slice:
+        """The rows of `part` in an expert's fused (out, in) matrix."""
+        if self.interleaved:
+            return slice(part, None, self.n_parts)
+        size = out // self.n_parts
+        return slice(part * size, (part + 1) * size)
+
+    def split(self, M: torch.Tensor) -> list[torch.Tensor]:
+        """(..., out, in) -> one (..., out/parts, in) view per part."""
+        return [M[..., self.rows(M.shape[-2], p), :] for p in range(self.n_parts)]
+
+    def block_factors(self, As: list[torch.Tensor], Bs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-part factors A_p (E, k, in), B_p (E, out/parts, k) -> the experts' A (E, R, in), B (E, out, R),
+        with B block-diagonal so that B @ A holds each part's own B_p @ A_p in its rows."""
+        A = torch.cat(As, dim=1)  # (E, R, in)
+        k, n = As[0].shape[1], len(Bs)
+        out = Bs[0].shape[1] * n
+        B = Bs[0].new_zeros(Bs[0].shape[0], out, k * n)  # (E, out, R)
+        for p, Bp in enumerate(Bs):
+            B[:, self.rows(out, p), p * k:(p + 1) * k] = Bp
+        return A, B
+
+    @staticmethod
+    def pack(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (E, R, in), B (E, out, R) -> PEFT's lora_A (R*E, in), lora_B (out, R*E)."""
+        E, R, n_in = A.shape
+        return A.reshape(E * R, n_in).contiguous(), B.permute(1, 2, 0).reshape(B.shape[1], R * E).contiguous()
+
+    @staticmethod
+    def unpack(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """PEFT's lora_A (R*E, in), lora_B (out, R*E) -> A (E, R, in), B (E, out, R) (inverse of `pack`)."""
+        A = lora_A.reshape(num_experts, -1, lora_A.shape[-1])  # (E, R, in)
+        B = lora_B.reshape(lora_B.shape[0], -1, num_experts).permute(2, 0, 1)  # (E, out, R)
+        return A, B
+
+    def factor_keys(self, module: str, prefix: str = ADAPTER_KEY_PREFIX) -> tuple[str, str]:
+        return f"{prefix}{module}{LINEAR_KEYS[0]}", f"{prefix}{module}{LINEAR_KEYS[1]}"
+
+    def to_dict(self) -> dict:
+        return {"parts": list(self.parts), "transposed": self.transposed, "interleaved": self.interleaved}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExpertLayout:
+        return cls(tuple(d.get("parts") or ()), bool(d.get("transposed")), bool(d.get("interleaved")))
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """A transformers 5 fused-experts module (`@use_experts_implementation`: it records its weights' layout)."""
+    return hasattr(module, "is_transposed") and hasattr(module, "is_concatenated") and any(
+        p.ndim == 3 for p in module.parameters(recurse=False))
+
+
+def expert_layout(module: nn.Module, param: str) -> ExpertLayout | None:
+    """The layout of `module.param` when it is a fused expert weight, else None (biases, other tensors)."""
+    tensor = getattr(module, param, None)
+    if not is_experts_module(module) or not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+        return None
+    parts = GATE_UP_PARTS if param == GATE_UP and getattr(module, "has_gate", True) else ()
+    return ExpertLayout(parts, bool(module.is_transposed), bool(parts) and not module.is_concatenated)
+
+
+def wrapper_modules(module: str, params: list[str]) -> dict[str, str]:
+    """Where PEFT saves the factors of each targeted parameter of one module: `params` in registration
+    order are wrapped in turn, each ParamWrapper around the previous one, so the first is innermost:
+    `module.base_layer....` (one `.base_layer` per later parameter), the last is `module` itself."""
+    return {p: module + ".base_layer" * (len(params) - 1 - i) for i, p in enumerate(params)}
 
 
 def embedding_base_key(module: str) -> str:

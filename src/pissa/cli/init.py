@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ..init.config import PissaConfig
+from ..init.coverage import coverage_rows
 from ..init.stream import StreamOptions
 from .app import app, console, human_bytes, layer_progress, summary_table, user_errors
 from .options import config_command, parse_key_values
@@ -26,10 +27,11 @@ def init_command(
     ),
     option: list[str] = typer.Option([], "--option", help="Any other method option as KEY=VALUE (repeatable)."),
     targets: list[str] = typer.Option(
-        [], "--targets", "-t", help="Module names to adapt (repeatable, or several after one flag); default every "
-                                    "linear layer but the head."
+        [], "--targets", "-t", help="Module or MoE expert-tensor names to adapt (repeatable, or several after one "
+                                    "flag); default every linear layer but the head, and every expert tensor."
     ),
-    target_regex: str = typer.Option(None, "--target-regex", help="One regex over full module names instead."),
+    target_regex: str = typer.Option(None, "--target-regex",
+                                     help="One regex over full module (and expert-tensor) names instead."),
     dtype: str = typer.Option("auto", "--dtype", help="Load and residual dtype: auto (as stored), bf16, fp16, fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
@@ -44,10 +46,11 @@ def init_command(
     \b
       pissa init smollm2-135m --rank 16 --out out/smol-r16
       pissa init meta-llama/Llama-3.1-8B --rank 64 --niter 4 --out out/llama-r64
-      pissa init ./my-model --method pissa --components minor --target-regex '.*mlp.*' --out out/minor
+      pissa init ./my-model --components minor --target-regex '.*mlp[.](gate|up|down)_proj' --out out/minor
       pissa init ./Llama-70B --rank 64 --niter 4 --workers 4 --out out/llama70b-r64   (streams; re-run to resume)
       torchrun --nproc-per-node 8 -m pissa.cli init ./Llama-70B --device cuda --out out/llama70b-r64
       pissa init smollm2-135m --rank 64 --quantize nf4 --quant-iters 5 --out out/qpissa-r64
+      pissa init ./Qwen3-30B-A3B --rank 16 --niter 4 --out out/qwen3-moe-r16   (MoE: every expert gets its own PiSSA)
       pissa init smollm2-135m --rank 64 --quantize nf4 --quant-fit loftq --quant-iters 5 --out out/loftq-r64
     """
     from ..errors import PissaError
@@ -71,13 +74,29 @@ def init_command(
         ("method", f"{config.method} {config.options or ''}".strip()),
         ("layers", str(summary["layers"])),
         ("ranks", ", ".join(map(str, summary["ranks"]))),
+        *expert_rows(result.manifest),
         ("trainable params", f"{result.trainable_params:,}"),
+        *coverage_rows(result.manifest.get("coverage")),
         recon_row(config, summary),
         *quant_rows(result.manifest),
         *stream_rows(result.manifest),
         ("wall time", f"{result.seconds:.1f} s"),
         *[(f"{out / name}", human_bytes(size)) for name, size in result.sizes().items()],
     ]))
+
+
+def expert_rows(manifest: dict) -> list[tuple[str, str]]:
+    """How the fused expert tensors of a MoE model were decomposed (none for a dense model)."""
+    experts = [info for info in manifest["layers"].values() if info.get("kind") == "experts"]
+    if not experts:
+        return []
+    counts = sorted({info["num_experts"] for info in experts})
+    fused = [info for info in experts if info["layout"]["parts"]]
+    ranks = ", ".join(sorted({str(i["rank"]) for i in experts}))
+    how = f"each expert's matrices decomposed on their own at rank {ranks}"
+    if fused:
+        how += f"; gate and up separately, so gate_up_proj adapters have rank {fused[0]['peft_rank']}"
+    return [("expert tensors", f"{len(experts)} fused tensors x {'/'.join(map(str, counts))} experts ({how})")]
 
 
 def recon_row(config: PissaConfig, summary: dict) -> tuple[str, str]:

@@ -37,6 +37,7 @@ from ..io.adapter_files import as_lora, write_adapter
 from ..io.atomic import atomic_output_dir, check_output_dir, dir_size
 from ..io.jsonfile import write_json
 from ..layout import CONVERSION_FILE, EMBEDDING, LINEAR
+from .experts import compressed_config, convert_experts, split_experts
 from .inputs import (
     check_compress_rank,
     check_config_ranks,
@@ -161,11 +162,12 @@ def convert_adapter(trained: tuple[dict, dict, dict, set[str]], init: InitSource
     they are. `trained_dir` is where the trained adapter was read from (None: in memory)."""
     trained_config, pairs, others, embeddings = trained
     where, init_name = trained_dir or "the adapter", init.path or init.kind
+    experts = split_experts(init.manifest or {}, trained_config, pairs, init.pairs, where, init_name)  # MoE: per expert
     check_config_ranks(trained_config, pairs, where)
     check_same_layers(pairs, init.pairs, where, init_name)
     if check_init and trained_dir is not None:
         check_provenance(trained_config, init, trained_dir)
-    similarity = {m: init_similarity(pairs[m], init.pairs[m]) for m in pairs}
+    similarity = {m: init_similarity(pairs[m], init.pairs[m]) for m in pairs} | experts.similarity()
     if check_init:  # after the provenance check: its message is the more precise one
         check_init_match(similarity, where, init_name)
     if rank is not None:
@@ -176,8 +178,11 @@ def convert_adapter(trained: tuple[dict, dict, dict, set[str]], init: InitSource
                          "ORIGINAL_MODEL, which the converted adapter records as base_model_name_or_path")
     config = lora_config_2r(trained_config, base)
     if rank is not None:
-        config = lora_config_compressed(config, rank)
-    state, layers = convert_layers(trained_config, pairs, init, config, rank, embeddings, progress)
+        config = compressed_config(lora_config_compressed(config, rank), experts, list(pairs), rank)
+    state, layers = convert_experts(experts, trained_config, init.config, config, rank)
+    dense_state, dense_layers = convert_layers(trained_config, pairs, init, config, rank, embeddings, progress)
+    state.update(dense_state)
+    layers.update(dense_layers)
     for module, info in layers.items():
         info["init_similarity"] = similarity[module]
     state.update(others)

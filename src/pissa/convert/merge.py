@@ -41,6 +41,7 @@ from ..layout import (
     kind_from_factors,
     owner_of_residual,
 )
+from .experts import expert_updates
 from .inputs import layer_scale, read_lora_adapter
 
 
@@ -177,7 +178,7 @@ def plan_merge(adapter: Path, reader: CheckpointReader) -> tuple[dict[str, Updat
     mode = check_pairing(adapter, config, reader.folder)
     magnitudes = {k.removeprefix(ADAPTER_KEY_PREFIX).removesuffix(MAGNITUDE_KEY): v for k, v in others.items()
                   if k.endswith(MAGNITUDE_KEY)}
-    plan = {}
+    plan = expert_updates(adapter, config, pairs, reader)  # fused MoE expert tensors (taken out of `pairs`)
     for module, (A, B) in pairs.items():
         kind = kind_from_factors(A, module in embeddings, bool(config.get("fan_in_fan_out")))
         key = check_fits(module, A, B, kind, reader)
@@ -193,6 +194,8 @@ def plan_merge(adapter: Path, reader: CheckpointReader) -> tuple[dict[str, Updat
 def merged(W: torch.Tensor, update: Update) -> torch.Tensor:
     """W + scale·B@A in W's stored layout, added in fp32 and rounded once to W's dtype; with DoRA, each row
     of the (out, in) matrix rescaled to its magnitude (PEFT's DoRA merge, computed in fp32)."""
+    if hasattr(update, "merge_into"):  # a whole fused expert tensor (convert.experts.FusedUpdate)
+        return update.merge_into(W)
     delta = update.scale * (update.B.flatten(1).float() @ update.A.flatten(1).float())  # (out, in)
     matrix = update.kind.to_matrix(W.float()) + delta  # (out, in)
     if update.magnitude is not None:
@@ -219,7 +222,7 @@ def write_shards(reader: CheckpointReader, out: Path, plan: dict[str, Update | t
                 check_finite(W, entry.name, reader.folder)
                 if entry.name in plan:
                     new = plan[entry.name]
-                    W = merged(W, new) if isinstance(new, Update) else new.to(W.dtype)
+                    W = new.to(W.dtype) if isinstance(new, torch.Tensor) else merged(W, new)  # a full tensor replaces W
                     done += 1
                     if progress:
                         progress(done, len(plan), entry.name)

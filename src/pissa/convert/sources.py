@@ -53,10 +53,11 @@ class InitSource:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def in_memory(cls, config: dict, state: dict, base_model: str) -> InitSource:
-        """The initial adapter of a live run (`pissa train --model ... --convert-at-end` checks it up front)."""
+    def in_memory(cls, config: dict, state: dict, base_model: str, layers: dict | None = None) -> InitSource:
+        """The initial adapter of a live run (`pissa train --model ... --convert-at-end` checks it up front);
+        `layers` are its per-layer init infos, as a manifest would hold them (they name MoE expert tensors)."""
         config, pairs, _, _ = split_adapter(config, state, "the initial adapter")
-        return cls(IN_MEMORY, None, None, config, pairs, base_model)
+        return cls(IN_MEMORY, None, None, config, pairs, base_model, manifest={"layers": layers or {}})
 
 
 def read_init_source(path: str | Path) -> InitSource:

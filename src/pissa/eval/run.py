@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PissaError
+from ..init.experts import adapter_experts, check_expert_factors, pattern_warnings_checked
 from ..io.adapter_files import base_changing_init, lora_pairs, read_adapter_config, read_lora_form
 from ..io.atomic import atomic_output_dir, check_output_dir
 from ..layout import (
@@ -120,9 +121,13 @@ def run_input(run: RunDir, config: dict, name: str) -> Path:
 
 def check_adapter_fits(model, adapter: Path, model_name: str) -> None:
     """Refuse an adapter whose layers are missing from the model or have other shapes."""
-    _, state = read_lora_form(adapter)
+    config, state = read_lora_form(adapter)
     modules = dict(model.named_modules())
+    experts = adapter_experts(model, config.get("target_parameters"))  # fused expert tensors of a MoE model
     for name, (A, B) in lora_pairs(state).items():
+        if name in experts:
+            check_expert_factors(experts[name], A, B, f"adapter {adapter} layer {name} on model {model_name}")
+            continue
         module = modules.get(name)
         if module is None or not hasattr(module, "weight"):
             raise PissaError(f"adapter {adapter} adapts layer {name}, which model {model_name} does not have; "
@@ -171,7 +176,8 @@ def load_target(target: Target, dtype: str = "auto", trust_remote_code: bool = F
         check_adapter_fits(model, target.adapter, target.model)
         check_pissa_base(target)
         check_no_recomputed_base(target.adapter)
-        model = PeftModel.from_pretrained(model, str(target.adapter))
+        with pattern_warnings_checked(read_adapter_config(target.adapter).get("target_parameters")):
+            model = PeftModel.from_pretrained(model, str(target.adapter))
     check_finite_weights(model, target)
     return model.eval(), tokenizer
 

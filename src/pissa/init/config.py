@@ -25,8 +25,8 @@ class PissaConfig:
     options: dict = field(default_factory=dict, metadata={"help": "Options of the method, e.g. {'niter': 4}."})
     targets: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Module names (suffix match) or one regex (full match); default: every linear "
-                          "layer except the output head."},
+        metadata={"help": "Module or expert-tensor names (suffix match) or one regex (full match); default: every "
+                          "linear layer except the output head, and every MoE expert tensor (not the routers)."},
     )
     rank_pattern: dict[str, int] = field(
         default_factory=dict, metadata={"help": "Per-layer rank overrides PATTERN=RANK (regex or name suffix)."}

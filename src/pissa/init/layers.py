@@ -10,6 +10,7 @@ holding B (out, r, 1, 1), so its update is exactly B @ A folded back into the ke
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -18,10 +19,11 @@ from torch import nn
 
 from ..decompose import decompose, layer_seed
 from ..dtypes import parse_dtype
+from ..errors import PissaError
 from ..layout import kind_of
 from ..models import check_not_quantized
 from .config import PissaConfig
-from .targets import check_targets, lora_config, resolve_targets
+from .targets import check_targets, resolve_targets
 
 ADAPTER_NAME = "default"
 
@@ -52,19 +54,32 @@ def init_model(
     """
     from peft import get_peft_model
 
+    from .expert_layers import check_expert_weights, check_wrapped, init_experts_
+    from .experts import pattern_warnings_checked
+
     config = config or PissaConfig()
     check_not_quantized(model)
-    ranks = resolve_targets(model, config)
-    check_targets(model, ranks)
-    peft_config = lora_config(config, model, list(ranks))
+    targets = resolve_targets(model, config)
+    check_targets(model, targets.modules)
+    check_expert_weights(model, targets.experts)
+    if dora and targets.experts:
+        raise PissaError("--dora: PEFT has no DoRA for fused expert tensors (its ParamWrapper refuses it); drop "
+                         "--dora or leave the experts out of --targets")
+    peft_config = targets.lora
     peft_config.use_dora = dora
-    peft_model = get_peft_model(model, peft_config)
-    report = {}
+    with pattern_warnings_checked(peft_config.target_parameters):
+        peft_model = get_peft_model(model, peft_config)
+    check_wrapped(peft_model, targets)
+    report, total = {}, len(targets.modules) + len(targets.experts)
     modules = dict(peft_model.base_model.model.named_modules())
-    for done, name in enumerate(ranks, 1):
+    for done, name in enumerate(targets.modules, 1):
         report[name] = init_layer_(modules[name], name, config)
         if progress:
-            progress(done, len(ranks), name)
+            progress(done, total, name)
+    for done, t in enumerate(targets.experts.values(), len(targets.modules) + 1):
+        report[t.adapter_module] = init_experts_(modules[t.adapter_module], t, config, ADAPTER_NAME)
+        if progress:
+            progress(done, total, t.key)
     if dora:
         refresh_dora_magnitude_(peft_model)
     return peft_model, report
@@ -125,4 +140,5 @@ def residual_state_dict(peft_model) -> dict[str, torch.Tensor]:
     """The base model's state dict with the residual weights under their original names."""
     state = peft_model.get_base_model().state_dict()
     adapter_parts = (".lora_", ".ranknum.")  # ranknum: AdaLoRA's (not saved) rank buffer
-    return {k.replace(".base_layer.", "."): v for k, v in state.items() if not any(p in k for p in adapter_parts)}
+    # A module with several targeted expert tensors nests one `.base_layer` per PEFT ParamWrapper.
+    return {re.sub(r"(\.base_layer)+\.", ".", k): v for k, v in state.items() if not any(p in k for p in adapter_parts)}

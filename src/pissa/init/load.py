@@ -13,6 +13,7 @@ from ..io.manifest import read_manifest
 from ..layout import InitDir
 from ..models import load_model
 from ..quant import QuantizationError, check_quantized_model, load_kwargs
+from .experts import pattern_warnings_checked
 from .layers import refresh_dora_magnitude_
 
 
@@ -58,10 +59,14 @@ def load_init_dir(folder: str | Path, dtype: str, dora: bool, device):
         if not part.is_dir():
             raise PissaError(f"--init {folder} has no {part.name}/ folder; point --init at a `pissa init --out` "
                              "folder")
-    base = load_residual(folder, dtype, device)
     peft_config = LoraConfig.from_pretrained(str(init.adapter))
+    if dora and peft_config.target_parameters:
+        raise PissaError(f"--dora: {folder} adapts fused expert tensors, and PEFT has no DoRA for them (its "
+                         "ParamWrapper refuses it); drop --dora")
+    base = load_residual(folder, dtype, device)
     peft_config.use_dora = dora
-    model = PeftModel.from_pretrained(base, str(init.adapter), is_trainable=True, config=peft_config)
+    with pattern_warnings_checked(peft_config.target_parameters):
+        model = PeftModel.from_pretrained(base, str(init.adapter), is_trainable=True, config=peft_config)
     if dora:
         refresh_dora_magnitude_(model)
     return model

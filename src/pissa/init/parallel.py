@@ -88,8 +88,8 @@ def run_jobs(
         futures = {pool.submit(run_shard, job): job for job in jobs}
         try:
             for future in as_completed(futures):
-                layers = future.result()  # re-raises a worker's error here
-                done += len(layers)
+                future.result()  # re-raises a worker's error here
+                done += len(futures[future].targets)
                 if progress:
                     progress(done, total, futures[future].shard)
         except BaseException:

@@ -9,7 +9,7 @@ shard headers, so a bad target is refused before any output is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,10 +17,13 @@ import torch
 from ..decompose import lora_scale
 from ..errors import PissaError
 from ..io.reader import CheckpointReader, TensorEntry
-from ..layout import LayerKind, kind_of
+from ..layout import LINEAR, ExpertLayout, LayerKind, kind_of
 from ..models import check_not_quantized, meta_model
 from .config import PissaConfig
-from .targets import check_tied, embeddings_saved, lora_config, resolve_targets
+from .coverage import coverage
+from .expert_disk import ExpertSlot, expert_slots
+from .experts import ExpertTarget
+from .targets import check_tied, embeddings_saved, resolve_targets
 
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
@@ -32,8 +35,10 @@ class Target:
     module: str  # the module name PEFT uses in adapter keys
     rank: int
     scale: float
-    kind: LayerKind  # how the stored tensor maps to the (out, in) matrix and back
+    kind: LayerKind | ExpertLayout  # how the stored tensor maps to the (out, in) matrix and back
     save_base: bool = False  # PEFT also saves a targeted embedding's base weight in the adapter
+    expert: ExpertTarget | None = None  # set when the tensor holds (part of) a fused expert tensor
+    slot: ExpertSlot | None = None  # which expert and part it holds (module: that matrix's name, its seed)
 
 
 @dataclass
@@ -42,6 +47,8 @@ class Plan:
     targets: dict[str, Target]  # checkpoint tensor name -> target, in model module order
     lora: object  # peft.LoraConfig equal to the one the in-memory path builds
     model_class: type
+    experts: dict[str, ExpertTarget] = field(default_factory=dict)  # live fused tensor -> target
+    coverage: dict = field(default_factory=dict)  # init.coverage: the share of matrix weights adapted
 
 
 def tensor_key(module: str, reader: CheckpointReader, prefix: str) -> str | None:
@@ -78,10 +85,10 @@ def make_plan(folder: str | Path, config: PissaConfig, trust_remote_code: bool =
     reader = CheckpointReader(folder)
     model = meta_model(folder, trust_remote_code)
     check_not_quantized(model)
-    ranks = resolve_targets(model, config)
+    resolved = resolve_targets(model, config)
+    ranks, lora = resolved.modules, resolved.lora
     check_tied(model, ranks)
     modules = dict(model.named_modules())
-    lora = lora_config(config, model, list(ranks))
     save_base = embeddings_saved(model, lora, ranks)
     targets = {}
     for name, rank in ranks.items():
@@ -97,4 +104,27 @@ def make_plan(folder: str | Path, config: PissaConfig, trust_remote_code: bool =
         target = Target(name, rank, scale, kind_of(module), name in save_base)
         check_entry(reader.entry(key), tuple(module.weight.shape), rank, target)
         targets[key] = target
-    return Plan(reader, targets, lora, type(model))
+    targets.update(expert_plan(model, reader, resolved.experts))
+    return Plan(reader, targets, lora, type(model), resolved.experts, coverage(model, resolved))
+
+
+def expert_plan(model, reader: CheckpointReader, experts: dict[str, ExpertTarget]) -> dict[str, Target]:
+    """Checkpoint tensor -> target for every tensor holding a targeted expert matrix (one per expert and
+    part, named after it), or a whole fused tensor when the checkpoint stores it fused."""
+    if not experts:
+        return {}
+    shapes = {k: reader.entry(k).shape for k in reader.weight_map}
+    slots = expert_slots(model, shapes, {k: t.tensor for k, t in experts.items()})
+    targets = {}
+    for key, slot in slots.items():
+        t = experts[slot.key]
+        entry = reader.entry(key)
+        if entry.dtype not in FLOAT_CODES:
+            raise PissaError(f"{key} is stored as {entry.dtype}, which PiSSA cannot decompose (quantized "
+                             "checkpoint?); give the unquantized fp32/bf16/fp16 checkpoint")
+        if slot.expert is None:
+            targets[key] = Target(t.key, t.rank, t.scale, t.layout, expert=t, slot=slot)
+        else:
+            targets[key] = Target(t.matrix_name(slot.expert, slot.part), t.rank, t.scale, LINEAR, expert=t,
+                                  slot=slot)
+    return targets

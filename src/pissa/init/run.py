@@ -23,11 +23,13 @@ from ..io.atomic import atomic_output_dir, check_output_dir, dir_size
 from ..io.manifest import build_manifest, read_manifest, write_manifest
 from ..io.reader import is_safetensors_folder
 from ..layout import ADAPTER_CONFIG_FILE, ADAPTER_DIR, MANIFEST_FILE, RESIDUAL_DIR, InitDir
-from ..models import load_model, resolve_model
+from ..models import load_model, meta_model, resolve_model
 from .config import PissaConfig
+from .coverage import coverage
 from .layers import init_model, residual_state_dict
 from .quantized import record_into_
 from .stream import StreamOptions, stream_init
+from .targets import resolve_targets
 
 
 @dataclass
@@ -94,7 +96,9 @@ def init_in_memory(model: str, resolved: str, config: PissaConfig, out: Path, ov
                    trust_remote_code: bool, progress) -> dict:
     """Load the whole model, initialise it with PEFT in memory, and write OUT; returns the manifest."""
     out = check_output_dir(out, overwrite, inputs=[resolved])  # fail before the (slow) load, not after
+    resolve_targets(meta_model(resolved, trust_remote_code), config)  # bad targets fail before the load too
     base, tokenizer, path = load_model(resolved, dtype, trust_remote_code)
+    covered = coverage(base, resolve_targets(base, config))  # before PEFT wraps the model
     peft_model, layers = init_model(base, config, progress)
     # QPiSSA: the loader settings that reproduce the fitted quantization (None without --quantize).
     quantization = record_into_(peft_model.get_base_model().config, config, layers)
@@ -118,6 +122,7 @@ def init_in_memory(model: str, resolved: str, config: PissaConfig, out: Path, ov
             residual_dtype=dtype_name(next(iter(residual.values())).dtype),
             trainable_params=trainable,
             quantization=quantization,
+            coverage=covered,
         )
         write_manifest(tmp, manifest)
     return manifest

@@ -19,9 +19,9 @@ import torch
 from ..decompose import decompose_batch, get_method, layer_seed
 from ..dtypes import parse_dtype
 from ..errors import PissaError
-from ..io.reader import CheckpointError, ShardHeader, TensorEntry, read_tensor
+from ..io.reader import CheckpointError, ShardHeader, TensorEntry, read_slice, read_tensor
 from ..io.writer import ShardWriter, layout, os_error, write_tensors
-from ..layout import ADAPTER_DIR, RESIDUAL_DIR, embedding_base_key
+from ..layout import ADAPTER_DIR, LINEAR, RESIDUAL_DIR, embedding_base_key
 from .config import PissaConfig
 from .layers import decompose_weight
 from .plan import Target
@@ -96,7 +96,7 @@ def plan_batches(entries: tuple[TensorEntry, ...], targets: dict[str, Target],
     open_batch: dict[tuple, list[str]] = {}
     for e in entries:
         t = targets.get(e.name)
-        if t is None:
+        if t is None or is_fused(t):
             continue
         shape = tuple(t.kind.to_matrix(torch.empty(e.shape, device="meta")).shape)  # (out, in)
         key = (shape, e.dtype, t.rank, t.scale)
@@ -106,6 +106,33 @@ def plan_batches(entries: tuple[TensorEntry, ...], targets: dict[str, Target],
         batch.append(e.name)
         batches[e.name] = batch
     return batches
+
+
+def is_fused(target: Target) -> bool:
+    """The checkpoint tensor is a whole fused expert tensor (gpt-oss, or saved in transformers' live layout)."""
+    return target.slot is not None and target.slot.expert is None
+
+
+@torch.no_grad()
+def decompose_fused(f, header: ShardHeader, entry: TensorEntry, target: Target, config: PissaConfig, device: str):
+    """Yield (residual rows of one expert in the stored layout, {factor key: tensor}, {matrix name: info}) for
+    each expert of a fused checkpoint tensor, reading one expert at a time; each part of each expert is
+    decomposed alone, as the in-memory path and per-expert checkpoints do (`init.expert_layers`)."""
+    t = target.expert
+    for e in range(t.tensor.num_experts):
+        start = time.perf_counter()
+        stored = read_slice(f, header, entry, e)  # (., .) expert e as stored
+        M = t.layout.matrices(stored[None])[0]  # (out, in) view
+        residual, parts, infos = torch.empty_like(M), {}, {}
+        for p in range(t.layout.n_parts):
+            rows, name = t.layout.rows(M.shape[0], p), t.matrix_name(e, p)
+            factors = decompose_weight(M[rows].contiguous().to(device), name, config, t.rank, t.scale)
+            residual[rows] = factors.residual.cpu()
+            parts.update(LINEAR.adapter_tensors(name, factors.A.cpu(), factors.B.cpu(), tuple(M[rows].shape)))
+            infos[name] = factors.info
+        seconds = (time.perf_counter() - start) / t.layout.n_parts
+        yield t.layout.from_matrices(residual[None])[0], parts, {n: {**i, "seconds": seconds} for n, i in
+                                                                infos.items()}
 
 
 def return_big_frees_to_os() -> None:
@@ -136,6 +163,15 @@ def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> d
         with open(src, "rb") as f, ShardWriter(residual_path, out_entries, job.header.metadata) as w:
             for entry in job.entries:
                 target = job.targets.get(entry.name)
+                if target is not None and is_fused(target):  # all experts in one tensor: one expert at a time
+                    for residual, parts, infos in decompose_fused(f, job.header, entry, target, job.config,
+                                                                  job.device):
+                        w.write_rows(entry.name, residual)
+                        factors.update(parts)
+                        layers.update(infos)
+                    if progress:
+                        progress(target.module)
+                    continue
                 if target is None:
                     tensor = read_tensor(f, job.header, entry)
                 else:

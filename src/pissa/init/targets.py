@@ -1,9 +1,11 @@
 """Which layers get adapters: PEFT's own target matcher on a live or meta model, and the checks that
-refuse a target PiSSA cannot decompose before any work is done."""
+refuse a target PiSSA cannot decompose before any work is done. MoE models also get their fused expert
+tensors (`init.experts`, resolved in `init.moe_targets`)."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -12,6 +14,28 @@ from ..errors import PissaError
 from ..layout import CONV1D, LINEAR, kind_of
 from ..models import is_causal_lm_model
 from .config import PissaConfig
+from .experts import (
+    ExpertTarget,
+    check_peft_keeps,
+    default_expert_targets,
+    expert_containers,
+    expert_patterns,
+    expert_targets,
+    expert_tensors,
+    peft_rewrites,
+    router_modules,
+)
+
+
+@dataclass
+class Targets:
+    """What an init adapts, decided before any work: the layers and fused expert tensors, with their ranks, and
+    the PEFT LoraConfig both init paths save."""
+
+    modules: dict[str, int]  # module name -> rank (linear, Conv1D, Conv2d, Embedding)
+    experts: dict[str, ExpertTarget]  # live parameter name -> fused expert tensor target
+    lora: object  # peft.LoraConfig
+    left_out: dict[str, str] = field(default_factory=dict)  # what the default targets leave out -> why
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
@@ -20,22 +44,25 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every nn.Linear / Conv1D in the model except the output head, by full name."""
+    """Every nn.Linear / Conv1D in the model except the output head and MoE routers, by full name."""
     head = output_head(model)
-    return {n: m for n, m in model.named_modules() if kind_of(m) in (LINEAR, CONV1D) and m is not head}
+    routers = router_modules(model)
+    return {n: m for n, m in model.named_modules()
+            if kind_of(m) in (LINEAR, CONV1D) and m is not head and n not in routers}
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """Leaf names of every linear layer except the head, as PEFT's `target_modules` list."""
+    """Leaf names of every linear layer except the head and routers, as PEFT's `target_modules` list."""
     return sorted({name.rsplit(".", 1)[-1] for name in linear_modules(model)})
 
 
-def lora_config(config: PissaConfig, model: nn.Module, matched: list[str]):
-    """The PEFT LoraConfig for `config`; `matched` are the module names it targets."""
+def lora_config(config: PissaConfig, model: nn.Module, matched: list[str], **moe):
+    """The PEFT LoraConfig for `config`; `matched` are the module names it targets. `moe` overrides the
+    fields a MoE model sets (target_modules, target_parameters, rank_pattern, alpha_pattern)."""
     from peft import LoraConfig
 
     modules = dict(model.named_modules())
-    return LoraConfig(
+    fields = dict(
         r=config.rank,
         lora_alpha=config.alpha_for(config.rank),
         target_modules=config.targets if config.targets is not None else default_targets(model),
@@ -49,23 +76,34 @@ def lora_config(config: PissaConfig, model: nn.Module, matched: list[str]):
         # plain nn.Modules (a small CNN) have no HF config and get no task type
         task_type="CAUSAL_LM" if is_causal_lm_model(model) else None,
     )
+    return LoraConfig(**{**fields, **moe})
 
 
-def resolve_targets(model: nn.Module, config: PissaConfig) -> dict[str, int]:
-    """Full module name -> rank for every module PEFT will wrap, refusing bad targets up front."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from peft.utils.other import get_pattern_key
-
+def resolve_targets(model: nn.Module, config: PissaConfig) -> Targets:
+    """Every module and fused expert tensor PEFT will adapt, with ranks, refusing bad targets up front."""
+    tensors = expert_tensors(model)
+    if tensors:
+        return resolve_moe(model, config, tensors)
     targets = config.targets if config.targets is not None else default_targets(model)
-    probe = LoraConfig(r=config.rank, target_modules=targets)
-    modules = dict(model.named_modules())
-    matched = [n for n in modules if n and check_target_module_exists(probe, n)]
-    if not matched:
+    ranks = match_modules(model, config, targets, set())
+    if not ranks:
         raise PissaError(
             f"no module matches targets {targets!r}; linear layers in this model are named: "
             f"{', '.join(default_targets(model))}"
         )
+    check_patterns_used(config, list(ranks))
+    return Targets(ranks, {}, lora_config(config, model, list(ranks)))
+
+
+def match_modules(model: nn.Module, config: PissaConfig, targets, skip: set[str]) -> dict[str, int]:
+    """Full module name -> rank for the modules `targets` match (PEFT's matcher), refusing unsupported ones."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    probe = LoraConfig(r=config.rank, target_modules=targets)
+    modules = dict(model.named_modules())
+    matched = [n for n in modules if n and n not in skip and check_target_module_exists(probe, n)]
     unsupported = [n for n in matched if not is_supported(modules[n])]
     if unsupported:
         kinds = sorted({type(modules[n]).__name__ for n in unsupported})
@@ -76,12 +114,18 @@ def resolve_targets(model: nn.Module, config: PissaConfig) -> dict[str, int]:
     for n in matched:
         check_module(model, n, modules[n])
     # PEFT's own pattern lookup, so our ranks are the ones PEFT gives each layer.
-    keys = {n: get_pattern_key(list(config.rank_pattern), n) for n in matched}
-    unused = sorted(set(config.rank_pattern) - set(keys.values()))
+    return {n: config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), n), config.rank) for n in matched}
+
+
+def check_patterns_used(config: PissaConfig, names: list[str]) -> None:
+    """A --rank-pattern that matches no targeted layer or expert tensor would be silently ignored: refuse it."""
+    from peft.utils.other import get_pattern_key
+
+    used = {get_pattern_key(list(config.rank_pattern), n) for n in names}
+    unused = sorted(set(config.rank_pattern) - used)
     if unused:
         raise PissaError(f"--rank-pattern {unused[0]} matches none of the targeted layers (names end like "
-                         f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in matched})[:6])}); fix or drop it")
-    return {n: config.rank_pattern.get(keys[n], config.rank) for n in matched}
+                         f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names})[:6])}); fix or drop it")
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -145,3 +189,77 @@ def check_tied(model, ranks: dict[str, int]) -> None:
             f"target {tied[0]} is the output head, whose weight is tied to the input embeddings; "
             "decomposing it would change the embeddings too. Leave it out of --targets"
         )
+
+
+
+def resolve_moe(model: nn.Module, config: PissaConfig, tensors: dict) -> Targets:
+    """`resolve_targets` of a model with fused experts: dense layers as PEFT modules, expert tensors as PEFT
+    `target_parameters` (`init.experts`). Routers are never default targets; default names PEFT would rewrite
+    (huggingface/peft#3711) are left out and said so; a user's target PEFT would rewrite is refused."""
+    boxes = expert_containers(model)
+    left_out = {}
+    if config.targets is None:
+        names, params = default_targets(model), default_expert_targets(tensors)
+        for name in peft_rewrites(lora_config(config, model, [], target_modules=names, target_parameters=params),
+                                  model):
+            names.remove(name)
+            left_out[name] = "PEFT rewrites this name to the fused experts on this model family (peft#3711)"
+        left_out.update({r: "router (never a default target)" for r in router_modules(model)})
+    else:
+        names, params = split_targets(model, config.targets, tensors, boxes)
+    ranks = match_modules(model, config, names, boxes) if names else {}
+    keys = [k for k in tensors if params and matches(params, k)]
+    if not ranks and not keys:
+        raise PissaError(f"no layer or expert tensor matches targets {config.targets!r}; linear layers are named "
+                         f"{', '.join(default_targets(model))}, expert tensors "
+                         f"{', '.join(default_expert_targets(tensors))}")
+    if keys and config.quantize is not None:
+        raise PissaError(
+            f"--quantize {config.quantize}: bitsandbytes 4-bit does not quantize fused expert tensors (transformers "
+            "loads them unquantized), so QPiSSA would quantize only the linear layers while the experts, most of "
+            "the weights, stay in 16 bits. Drop --quantize, or leave the experts out of --targets (e.g. --targets "
+            "q_proj k_proj v_proj o_proj) to fit the linear layers only")
+    if config.quantize is not None:
+        left_out.update({k: "expert tensor: bitsandbytes does not quantize it, it stays in 16 bits"
+                         for k in tensors if k not in keys})
+    if keys and config.dropout:
+        raise PissaError(f"--dropout {config.dropout}: PEFT cannot apply LoRA dropout to fused expert tensors "
+                         "(its ParamWrapper needs dropout 0); drop --dropout or leave the experts out of --targets")
+    by_module = {}
+    for k in keys:
+        by_module.setdefault(tensors[k].module, []).append(tensors[k].param)  # registration order
+    experts = expert_targets(config, [tensors[k] for k in keys], by_module)
+    rank_pattern, alpha_pattern = expert_patterns(config, ranks, experts)
+    lora = lora_config(config, model, list(ranks), target_modules=names, target_parameters=params or None,
+                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    check_peft_keeps(lora, model, config.targets is not None)
+    check_patterns_used(config, [*ranks, *(t.key for t in experts.values())])
+    return Targets(ranks, experts, lora, left_out)
+
+
+def matches(targets, key: str) -> bool:
+    """PEFT's own matcher (suffix of a name list, or a full-match regex) on a module or parameter name."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return bool(check_target_module_exists(LoraConfig(target_modules=targets), key))
+
+
+def split_targets(model: nn.Module, targets, tensors: dict, boxes: set[str]) -> tuple[list[str], list[str]]:
+    """A user's --targets / --target-regex as (target_modules, target_parameters) lists: a name goes where it
+    matches (modules, expert tensors or both). A regex becomes the full names it matches, because PEFT would
+    also match it against the expert containers (and, on some families, rewrite it)."""
+    names = [n for n in dict(model.named_modules()) if n and n not in boxes]
+    if isinstance(targets, str):
+        return [n for n in names if matches(targets, n)], [k for k in tensors if matches(targets, k)]
+    modules, params = [], []
+    for t in targets:
+        hit_module, hit_param = any(matches([t], n) for n in names), any(matches([t], k) for k in tensors)
+        if not (hit_module or hit_param) and any(matches([t], b) for b in boxes):
+            raise PissaError(f"--targets {t} names the container of the fused expert tensors; name the tensors "
+                             f"instead: {', '.join(default_expert_targets(tensors))}")
+        if hit_module or not hit_param:
+            modules.append(t)
+        if hit_param:
+            params.append(t)
+    return modules, params

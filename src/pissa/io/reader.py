@@ -210,6 +210,22 @@ def read_tensor(f: BinaryIO, header: ShardHeader, t: TensorEntry) -> torch.Tenso
     return out
 
 
+def read_slice(f: BinaryIO, header: ShardHeader, t: TensorEntry, index: int) -> torch.Tensor:
+    """Read `tensor[index]` (along the first dimension) of an open shard, without the rest of the tensor:
+    one expert of a fused (experts, ., .) tensor."""
+    rows = t.shape[0]
+    if not 0 <= index < rows:
+        raise IndexError(f"{t.name}: index {index} out of range for {rows} rows")
+    out = torch.empty(t.shape[1:], dtype=DTYPES[t.dtype])
+    size = t.nbytes // rows
+    f.seek(header.data_offset + t.start + index * size)
+    n = f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+    if n != size:
+        raise CheckpointError(f"{header.path}: tensor {t.name} is cut short at row {index}; "
+                              f"re-download or re-export {header.path.name}")
+    return out
+
+
 def is_safetensors_folder(folder: str | Path) -> bool:
     folder = Path(folder)
     return folder.is_dir() and ((folder / INDEX_FILE).exists() or (folder / SINGLE_WEIGHTS_FILE).exists())

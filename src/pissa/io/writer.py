@@ -72,6 +72,7 @@ class ShardWriter:
         self.entries = list(entries)
         self.metadata = metadata
         self._next = 0
+        self._filled = 0  # bytes of the next tensor already written (write_rows)
         self._file = None
 
     def __enter__(self) -> ShardWriter:
@@ -87,17 +88,30 @@ class ShardWriter:
         entry = self.entries[self._next]
         if name != entry.name:
             raise ValueError(f"{self.path}: expected tensor {entry.name} next, got {name}")
-        if CODES.get(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
+        if CODES.get(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape or self._filled:
             raise ValueError(
                 f"{self.path}: {name} is {tensor.dtype} {tuple(tensor.shape)}, layout says {entry.dtype} {entry.shape}"
             )
+        self.write_rows(name, tensor)
+
+    def write_rows(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next rows (along the first dimension) of tensor `name`: a big tensor can arrive in pieces,
+        e.g. a fused expert tensor one expert at a time. The next tensor starts once these fill it."""
+        entry = self.entries[self._next]
+        if name != entry.name:
+            raise ValueError(f"{self.path}: expected tensor {entry.name} next, got {name}")
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()  # raw little-endian bytes
+        if CODES.get(tensor.dtype) != entry.dtype or self._filled + data.nbytes > entry.nbytes:
+            raise ValueError(f"{self.path}: {name} rows {tuple(tensor.shape)} {tensor.dtype} overflow its layout "
+                             f"{entry.dtype} {entry.shape}")
         try:
             self._file.write(memoryview(data))
         except OSError as e:
             self._abort()
             raise os_error(e, self.path) from e
-        self._next += 1
+        self._filled += data.nbytes
+        if self._filled == entry.nbytes:
+            self._next, self._filled = self._next + 1, 0
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:

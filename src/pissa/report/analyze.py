@@ -25,7 +25,8 @@ from torch import nn
 from ..decompose import check_weight, decompose, layer_seed
 from ..errors import PissaError, check_number, check_regex
 from ..init import ADAPTER_NAME, PissaConfig, init_model, linear_modules
-from ..layout import kind_of
+from ..init.experts import expert_tensors
+from ..layout import ExpertLayout, kind_of
 
 # A short fixed batch for the gradient analysis (any text works; fixed so runs are comparable).
 GRADIENT_TEXTS = [
@@ -53,6 +54,9 @@ class AnalyzeConfig:
     seeds: int = field(default=5, metadata={"help": "Seeds of the initial-gradient comparison (paper: 5)."})
     max_length: int = field(default=64, metadata={"help": "Tokens per text of the gradient batch."})
     seed: int = field(default=0, metadata={"help": "Seed of the histogram subsampling and of the method."})
+    max_experts: int = field(default=4, metadata={
+        "help": "MoE models: experts per fused expert tensor whose matrices enter the value distributions (a seeded "
+                "sample; 0: all). --layer can name any expert matrix, e.g. layers.0.mlp.experts.3.gate_proj."})
 
     def __post_init__(self):
         if self.rank <= 0:
@@ -64,6 +68,8 @@ class AnalyzeConfig:
         check_number(self.max_length, "--max-length", minimum=2)
         for pattern in self.layers:
             check_regex(pattern, "--layer")
+        if self.max_experts < 0:
+            raise PissaError(f"--max-experts must be >= 0, got {self.max_experts}")
         from ..decompose import get_method
 
         get_method(self.method)
@@ -82,7 +88,43 @@ def select_layers(names: list[str], patterns: list[str]) -> list[str]:
 
 
 def layer_type(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
+    """`q_proj`; an expert's matrix pools with the other experts' (`experts.gate_proj`), not with dense layers."""
+    leaf = name.rsplit(".", 1)[-1]
+    return f"experts.{leaf}" if re.search(r"\.experts\.\d+\.", name) else leaf
+
+
+@dataclass(frozen=True)
+class ExpertMatrix:
+    """One expert's part of a fused expert tensor, named as a per-expert checkpoint names it."""
+
+    key: str  # the fused parameter
+    expert: int
+    part: int
+    layout: ExpertLayout
+    matrix: torch.Tensor  # (out/parts, in), a view
+
+
+def expert_matrices(model: nn.Module) -> dict[str, ExpertMatrix]:
+    """Every expert matrix of the model's fused expert tensors: `...experts.3.gate_proj`, `...experts.3.down_proj`."""
+    found, params = {}, dict(model.named_parameters())
+    for key, t in expert_tensors(model).items():
+        M = t.layout.matrices(params[key].detach())  # (E, out, in)
+        names = [f"{p}_proj" for p in t.layout.parts] or [t.param]
+        for e in range(t.num_experts):
+            for p, part in enumerate(t.layout.split(M[e])):
+                found[f"{t.module}.{e}.{names[p]}"] = ExpertMatrix(key, e, p, t.layout, part)
+    return found
+
+
+def sampled(experts: dict[str, ExpertMatrix], limit: int, seed: int) -> dict[str, torch.Tensor]:
+    """The matrices of at most `limit` experts per fused tensor (a seeded choice; 0: all)."""
+    counts: dict[str, int] = {}
+    for m in experts.values():
+        counts[m.key] = max(counts.get(m.key, 0), m.expert + 1)
+    g = torch.Generator().manual_seed(seed)
+    keep = {k: set(torch.randperm(n, generator=g)[:limit].tolist()) if limit else set(range(n))
+            for k, n in counts.items()}
+    return {name: m.matrix for name, m in experts.items() if m.expert in keep[m.key]}
 
 
 def residual_of(W: torch.Tensor, name: str, config: AnalyzeConfig) -> torch.Tensor:
@@ -164,16 +206,24 @@ def gradient_batch(tokenizer, vocab_size: int, max_length: int) -> dict[str, tor
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def layer_gradients(model: nn.Module, batch: dict, layer: str, method: str, rank: int, seed: int):
+def layer_gradients(model: nn.Module, batch: dict, layer: str, method: str, rank: int, seed: int,
+                    expert: ExpertMatrix | None = None):
     """(grad A (r, in), grad B (out, r)) of `layer`'s adapter after one backward pass of the LM loss
-    on `batch`, with the adapter initialised by `method` with `seed`. `model` is not modified."""
+    on `batch`, with the adapter initialised by `method` with `seed`. `model` is not modified. For an
+    expert's matrix, its own block of the fused tensor's adapter (the whole tensor is initialised)."""
+    target = expert.key if expert is not None else layer
     peft_model, _ = init_model(copy.deepcopy(model), PissaConfig(rank=rank, method=method, seed=seed,
-                                                                 targets=f"^{re.escape(layer)}$"))
+                                                                 targets=f"^{re.escape(target)}$"))
     peft_model.train()
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     peft_model(**batch, labels=labels).loss.backward()
-    module = peft_model.base_model.model.get_submodule(layer)
-    return module.lora_A[ADAPTER_NAME].weight.grad.clone(), module.lora_B[ADAPTER_NAME].weight.grad.clone()
+    module = peft_model.base_model.model.get_submodule(target.rsplit(".", 1)[0] if expert else layer)
+    grad_A, grad_B = module.lora_A[ADAPTER_NAME].weight.grad, module.lora_B[ADAPTER_NAME].weight.grad
+    if expert is None:
+        return grad_A.clone(), grad_B.clone()
+    A, B = ExpertLayout.unpack(grad_A, grad_B, module.num_experts)  # (E, R, in), (E, out, R)
+    cols = slice(expert.part * rank, (expert.part + 1) * rank)
+    return A[expert.expert, cols].clone(), B[expert.expert, expert.layout.rows(B.shape[1], expert.part), cols].clone()
 
 
 def cosine_matrix(vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -189,7 +239,8 @@ def off_diagonal(M: torch.Tensor) -> torch.Tensor:
 
 
 def initial_gradients(model: nn.Module, tokenizer, layer: str, config: AnalyzeConfig,
-                      progress: Callable[[int, int, str], None] | None = None) -> dict[str, dict]:
+                      progress: Callable[[int, int, str], None] | None = None,
+                      expert: ExpertMatrix | None = None) -> dict[str, dict]:
     """For LoRA (lora-gaussian, as in the paper) and PiSSA: per seed the gradient norms of A and B
     of `layer`, the pairwise cosine similarities across seeds, and the largest difference between
     any seed's gradient and seed 0's."""
@@ -198,7 +249,7 @@ def initial_gradients(model: nn.Module, tokenizer, layer: str, config: AnalyzeCo
     for label, method in (("LoRA", "lora-gaussian"), ("PiSSA", "pissa")):
         grads = []
         for seed in range(config.seeds):
-            grads.append(layer_gradients(model, batch, layer, method, config.rank, seed))
+            grads.append(layer_gradients(model, batch, layer, method, config.rank, seed, expert))
             done += 1
             if progress:
                 progress(done, total, f"{label} seed {seed}")
@@ -231,17 +282,18 @@ class Analysis:
 def analyze_model(model: nn.Module, tokenizer, config: AnalyzeConfig,
                   progress: Callable[[int, int, str], None] | None = None) -> Analysis:
     """All three analyses on a live model (the model is not modified)."""
-    modules = linear_modules(model)
-    if not modules:
+    modules, experts = linear_modules(model), expert_matrices(model)
+    if not modules and not experts:
         raise PissaError("the model has no linear layers to analyse")
-    chosen = select_layers(list(modules), config.layers)
+    chosen = select_layers([*modules, *experts], config.layers)
     weights = {n: kind_of(m).to_matrix(m.weight) for n, m in modules.items()}  # (out, in) each
     for name, W in weights.items():  # NaN/Inf would fail deep inside an SVD: name the tensor instead
         check_weight(W.detach(), 1, f"{name}.weight")
-    spec = spectra({n: weights[n] for n in chosen}, config)
-    dist = distributions(weights, config, progress)
+    spec = spectra({n: weights[n] if n in weights else experts[n].matrix for n in chosen}, config)
+    dist = distributions({**weights, **sampled(experts, config.max_experts, config.seed)}, config, progress)
     has_lm_loss = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
-    grads = initial_gradients(model, tokenizer, chosen[0], config, progress) if has_lm_loss else None
+    grads = initial_gradients(model, tokenizer, chosen[0], config, progress, experts.get(chosen[0])) \
+        if has_lm_loss else None
     return Analysis(spec, dist, grads, chosen[0] if has_lm_loss else None)
 
 

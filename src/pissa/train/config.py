@@ -68,7 +68,8 @@ class TrainConfig:
         f"Adapter rank r (--model only, default {DEFAULT_RANK}; --init keeps its rank).")})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; default alpha = r (paper)."})
     targets: list[str] | None = field(default=None, metadata={
-        "flags": ("-t",), "help": "Module names to adapt; default every linear layer except the output head."})
+        "flags": ("-t",),
+        "help": "Module names to adapt; default every linear layer except the output head, and MoE expert tensors."})
     niter: int | None = field(default=None, metadata={
         "help": "pissa: randomized-SVD power iterations (fast init); omit for the exact SVD."})
     quant_type: str | None = field(default=None, metadata={

@@ -227,7 +227,8 @@ class SFTRecipe:
         if self.config.init is not None:
             init = read_init_source(self.config.init)
         elif self.initial_adapter:
-            init = InitSource.in_memory(config_dict(self.initial_config), self.initial_adapter, self.model_path)
+            init = InitSource.in_memory(config_dict(self.initial_config), self.initial_adapter, self.model_path,
+                                        self.init_report)
         else:  # a quantized method with --model wrote RUN/init before loading
             init = read_init_source(self.run_dir.init.root)
         check_convertible(config_dict(self.model.peft_config[ADAPTER_NAME]), adapter_state(self.model), init)
@@ -236,6 +237,9 @@ class SFTRecipe:
         """With --train-singular-values, the PiSSA adapter re-expressed as B·diag(S)·A (train.singular_values)."""
         if not self.config.train_singular_values:
             return peft_model
+        if peft_model.peft_config[ADAPTER_NAME].target_parameters:
+            raise PissaError("--train-singular-values: PEFT's AdaLoRA cannot adapt fused MoE expert tensors; drop "
+                             "it, or leave the experts out of --targets")
         from .singular_values import to_singular_value_adapters
 
         return to_singular_value_adapters(peft_model, self.config.orth_reg_weight, self._planned_steps())
