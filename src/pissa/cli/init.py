@@ -30,7 +30,8 @@ def init_command(
                                     "linear layer but the head."
     ),
     target_regex: str = typer.Option(None, "--target-regex", help="One regex over full module names instead."),
-    dtype: str = typer.Option("auto", "--dtype", help="Load and residual dtype: auto (as stored), bf16, fp16, fp32."),
+    dtype: str = typer.Option("auto", "--dtype", help="Residual dtype: auto (as stored), bf16, fp16, fp32; a "
+                                                       "streamed init casts each tensor as it goes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
     in_memory: bool = typer.Option(
@@ -110,9 +111,12 @@ def quant_rows(manifest: dict) -> list[tuple[str, str]]:
 
 
 def stream_rows(manifest: dict) -> list[tuple[str, str]]:
-    """How the run went: streamed (shards, workers, ranks, resumed) or in memory."""
+    """Which path ran: streamed (shards, workers, ranks, threads, resumed, cast) or in memory (and why)."""
     st = manifest.get("stream")
     if not st:
-        return [("mode", "in memory")]
-    return [("mode", f"streamed: {st['shards']} shard(s), {st['workers']} worker(s) x {st['world_size']} rank(s), "
-                     f"{st['device']}, {st['resumed_shards']} shard(s) resumed")]
+        why = (manifest.get("in_memory") or {}).get("why")
+        return [("mode", "in memory" + (f" ({why})" if why else ""))]
+    cast = f", cast to {st['cast']}" if st.get("cast") else ""
+    threads = f" x {st['threads']} thread(s)" if st.get("threads") else ""
+    return [("mode", f"streamed: {st['shards']} shard(s), {st['workers']} worker(s){threads} x {st['world_size']} "
+                     f"rank(s), {st['device']}, {st['resumed_shards']} shard(s) resumed{cast}")]
