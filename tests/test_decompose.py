@@ -267,3 +267,23 @@ def test_one_thread_restores_the_thread_count_and_skinny_matmul_is_a_product():
     W, X = torch.randn(50, 30, generator=g), torch.randn(50, 4, generator=g)
     torch.testing.assert_close(skinny_matmul(W.mT, X), W.T.contiguous() @ X, atol=1e-5, rtol=0)
     torch.testing.assert_close(skinny_matmul(W, X[:30]), W @ X[:30], atol=0, rtol=0)
+
+
+@pytest.mark.integration
+def test_the_costs_pissa_methods_prints_are_what_decompose_gives(smollm2_dir):
+    """`pissa methods` quotes each --niter's residual excess on SmolLM2's layers (r = 16): recompute it."""
+    import math
+
+    from pissa.cli.methods import DEPTHS
+    from pissa.io.reader import CheckpointReader
+
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj", "mlp.down_proj")
+    names = [f"model.layers.{b}.{p}.weight" for b in (0, 10, 20, 29) for p in projections]
+    Ws = {n: W.float() for n, W in CheckpointReader(smollm2_dir).read(names).items()}
+    floor = math.sqrt(sum(truncated_residual_norm(W.double(), 16).item() ** 2 for W in Ws.values()))
+    for setting, _, quoted, *_ in DEPTHS[:3]:
+        niter = int(setting.split()[-1])
+        total = math.sqrt(sum(decompose(W, "pissa", 16, options={"niter": niter}, seed=0).residual.double().norm()
+                              .item() ** 2 for W in Ws.values()))
+        assert (total / floor - 1) * 100 == pytest.approx(quoted, rel=2e-2, abs=2e-4), setting

@@ -19,8 +19,11 @@ def init_command(
     stream: StreamOptions,
     model: str = typer.Argument(..., help="Embedded name (smollm2-135m, minilm-l6), local folder, or hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: gets residual/, adapter/, pissa.json."),
-    niter: int = typer.Option(None, "--niter", help="Randomized-SVD power iterations (pissa); omit for exact SVD."),
-    oversample: int = typer.Option(None, "--oversample", help="Randomized-SVD extra sketch columns (default r)."),
+    niter: int = typer.Option(None, "--niter", help="Randomized block-Krylov SVD of this depth (pissa): 2N+2 passes "
+                                                    "over each weight; omit for the exact SVD. 3 beats PEFT's "
+                                                    "pissa_niter_4 (see pissa methods)."),
+    oversample: int = typer.Option(None, "--oversample",
+                                   help="Randomized SVD: extra columns per Krylov block (default 0)."),
     components: str = typer.Option(
         None, "--components", help="pissa: principal (default), medium, minor, or random singular triplets."
     ),
@@ -44,11 +47,11 @@ def init_command(
 
       pissa init smollm2-135m --rank 16 --out out/smol-r16
 
-      pissa init meta-llama/Llama-3.1-8B --rank 64 --niter 4 --out out/llama-r64
+      pissa init meta-llama/Llama-3.1-8B --rank 64 --niter 3 --out out/llama-r64
 
       pissa init ./my-model --method pissa --components minor --target-regex '.*mlp.*' --out out/minor
 
-      pissa init ./Llama-70B --rank 64 --niter 4 --workers 4 --out out/llama70b-r64   (streams; re-run to resume)
+      pissa init ./Llama-70B --rank 64 --niter 3 --workers 4 --out out/llama70b-r64   (streams; re-run to resume)
 
       torchrun --nproc-per-node 8 -m pissa.cli init ./Llama-70B --device cuda --out out/llama70b-r64
 
