@@ -20,12 +20,12 @@ DEPTHS = [  # (setting, passes over W, SmolLM2 r=16, r=64, 7B-shaped r=16, r=64)
     ("--niter 3", "8", 0.1686, 0.1716, 0.0627, 0.0302),
     ("--niter 4", "10", 0.0683, 0.0308, 0.0108, 0.0020),
     ("--niter 6", "14", 0.0102, 0.0000, 0.0000, 0.0000),
-    ("exact SVD (no --niter, the default)", "a full SVD", 0.0, 0.0, 0.0, 0.0),
+    ("exact SVD (default)", "full SVD", 0.0, 0.0, 0.0, 0.0),
 ]
 PEFT = [  # PEFT's init_lora_weights="pissa_niter_N" (torch.svd_lowrank with q = r) on the same matrices
-    ("PEFT pissa_niter_2", "6", 0.9633, 2.1969, 0.4401, 0.6783),
-    ("PEFT pissa_niter_4", "10", 0.4223, 0.8774, 0.1299, 0.2171),
-    ("PEFT pissa_niter_16", "34", 0.0465, 0.0805, 0.0085, 0.0170),
+    ("PEFT niter 2", "6", 0.9633, 2.1969, 0.4401, 0.6783),
+    ("PEFT niter 4", "10", 0.4223, 0.8774, 0.1299, 0.2171),
+    ("PEFT niter 16", "34", 0.0465, 0.0805, 0.0085, 0.0170),
 ]
 
 
@@ -51,9 +51,10 @@ def methods_command():
 
 def depth_table() -> Table:
     table = Table(title="pissa --niter N: block-Krylov depth, its cost (passes over each weight) and residual "
-                        "excess over the exact truncated SVD (benchmarks/bench_pareto.py; times in "
-                        "benchmarks/results/pareto.md). --niter 3 beats PEFT's pissa_niter_4 with 8 passes to 10.")
-    for column in ("setting", "passes over W", "SmolLM2 r=16", "SmolLM2 r=64", "7B-shaped r=16", "7B-shaped r=64"):
+                        "excess over the exact truncated SVD, against PEFT's init_lora_weights=pissa_niter_N "
+                        "(benchmarks/bench_pareto.py; times in benchmarks/results/pareto.md). --niter 3 beats "
+                        "PEFT's pissa_niter_4 with 8 passes to 10.")
+    for column in ("setting", "passes", "SmolLM2 r16", "SmolLM2 r64", "7B-shape r16", "7B-shape r64"):
         table.add_column(column)
     for setting, passes, *excess in DEPTHS + PEFT:
         table.add_row(setting, passes, *(f"{e:.4f}%" for e in excess))
