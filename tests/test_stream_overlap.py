@@ -201,3 +201,32 @@ def test_cli_dtype_streams_and_the_mode_row_says_so(sharded_dir, tmp_path):
     assert memory.exit_code == 0, memory.output
     assert "in memory (asked for (--in-memory))" in " ".join(memory.output.split())
     assert_same_output(tmp_path / "s", tmp_path / "m")
+
+
+def test_a_written_tensor_is_freed_before_its_bytes_count_as_free(tmp_path):
+    """The budget bounds memory only if the writer drops every reference before releasing the bytes (a
+    generator holding the last item kept an embedding alive while the next one was read)."""
+    import time
+    import weakref
+
+    from safetensors.torch import save_file
+
+    from pissa.io.reader import read_header
+    from pissa.io.writer import ShardWriter, layout
+
+    save_file({"a": torch.zeros(1000), "b": torch.ones(1000)}, tmp_path / "in.safetensors")
+    header = read_header(tmp_path / "in.safetensors")
+    out = layout([(t.name, t.dtype, t.shape) for t in header.tensors])
+    with open(tmp_path / "in.safetensors", "rb") as f, ShardWriter(tmp_path / "out.safetensors", out) as w, \
+            pipeline.ShardIO(f, header, list(header.tensors), w, budget=10**9) as io:
+        a = io.get("a")
+        ref = weakref.ref(a)
+        io.put("a", a)
+        del a
+        deadline = time.monotonic() + 10
+        while "a" in io.held and time.monotonic() < deadline:  # until the writer released a's bytes
+            time.sleep(0.01)
+        assert "a" not in io.held and ref() is None
+        io.put("b", io.get("b"))
+        io.close()
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["b"], torch.ones(1000))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import BinaryIO
 
 import torch
@@ -138,15 +138,11 @@ class ShardIO:
             self.read_q.put((entry.name, read_tensor(self.f, self.header, entry)))
 
     def _write_all(self) -> None:
-        for name, tensor in iter_queue(self.write_q):
+        while (item := self.write_q.get()) is not None:
+            name, tensor = item
+            del item  # no reference may outlive the write: the budget counts the bytes as freed
             self.writer.write(name, tensor)
             del tensor
             with self.lock:
                 held = self.held.pop(name, 0)
             self.budget.release(held)
-
-
-def iter_queue(q: queue.Queue) -> Iterator:
-    """Items of `q` up to the first None."""
-    while (item := q.get()) is not None:
-        yield item

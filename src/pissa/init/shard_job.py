@@ -128,7 +128,7 @@ def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> d
     """Write `job.shard`'s residual shard, adapter part and completion record; returns layer infos.
 
     Reads run ahead and writes run behind the decomposition in threads (`init.pipeline.ShardIO`), within a
-    byte budget of one batch plus two of the shard's largest targeted tensors."""
+    byte budget of one batch plus one of the shard's largest targeted tensors (`read_order`)."""
     torch.set_num_threads(job.threads)
     return_big_frees_to_os()
     residual_path = job.work / RESIDUAL_DIR / job.shard
@@ -153,6 +153,7 @@ def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> d
                         results = decompose_targets(stored, [job.targets[n] for n in names], job.config, job.device)
                         del stored
                         ahead.update(zip(names, results, strict=True))
+                        del results  # `ahead` holds them until written: nothing else may (see ShardIO's budget)
                     tensor, parts, layers[target.module] = ahead.pop(entry.name)
                     factors.update(parts)
                     if progress:
@@ -176,8 +177,9 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def read_order(entries: tuple[TensorEntry, ...], targets: dict[str, Target],
                batches: dict[str, list[str]]) -> tuple[list[TensorEntry], int]:
     """The order `run_shard` asks for tensors (file order, a batch's members together at its first), and the
-    read-ahead budget in bytes: the largest batch plus two of the largest targeted tensors (at least 32 MB),
-    so the tensor being decomposed, the next one and the last residual can all be in flight."""
+    read-ahead budget in bytes: the largest batch plus one largest targeted tensor (at least 32 MB). While
+    a weight decomposes, the last residual is written and then the next weight read; a third tensor's
+    worth bought no overlap and cost its memory (peak RSS is the goal that binds at 1 GB)."""
     by_name = {e.name: e for e in entries}
     order, seen = [], set()
     for e in entries:
@@ -187,7 +189,7 @@ def read_order(entries: tuple[TensorEntry, ...], targets: dict[str, Target],
                 order.append(by_name[name])
     largest = max((e.nbytes for e in entries if e.name in targets), default=0)
     batch = max((sum(by_name[n].nbytes for n in names) for names in batches.values()), default=0)
-    return order, max(batch + 2 * largest, 32 << 20)
+    return order, max(batch + largest, 32 << 20)
 
 
 def write_record(path: Path, layers: dict[str, dict]) -> None:
