@@ -145,8 +145,9 @@ def verdict(rows: dict, peft_label: str) -> dict:
         return {"setting": None}
     label, r = min(ok, key=lambda item: item[1]["wall_s"])
     floor = next(v["wall_s"] for k, v in rows.items() if k.startswith("imports"))
+    beyond = (r["wall_s"] - floor) / (peft["wall_s"] - floor) if peft["wall_s"] - floor > 0.5 else float("nan")
     return {"setting": label, "wall_ratio": r["wall_s"] / peft["wall_s"], "rss_ratio": r["peak_rss"] / peft["peak_rss"],
-            "beyond_imports": (r["wall_s"] - floor) / (peft["wall_s"] - floor), "imports_s": floor}
+            "beyond_imports": beyond, "imports_s": floor}
 
 
 def report(results: list[dict], args) -> str:
