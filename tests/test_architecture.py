@@ -22,7 +22,8 @@ FOUNDATION = {"errors", "dtypes", "layout", "plots", "__init__"}
 LAYERS = [{"decompose"}, {"quant"}, {"io"}, {"models", "data"}, {"init"}, {"train", "convert", "eval"}, {"report"},
           {"cli"}]
 RANK = {package: i for i, layer in enumerate(LAYERS) for package in layer}
-STDLIB_OK = {"__future__", "abc", "collections", "contextlib", "dataclasses", "math", "typing", "warnings", "zlib"}
+STDLIB_OK = {"__future__", "abc", "collections", "contextlib", "dataclasses", "math", "threading", "typing", "warnings",
+             "zlib"}
 
 
 def module_name(path: Path) -> str:

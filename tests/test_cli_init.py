@@ -126,5 +126,5 @@ def test_bad_models_fail_clearly_and_write_nothing(tiny_llama_dir, tmp_path, mak
 def test_methods_lists_the_registry():
     result = runner.invoke(app, ["methods"])
     assert result.exit_code == 0
-    for name in ("pissa", "lora-kaiming", "lora-gaussian", "niter"):
+    for name in ("pissa", "lora-kaiming", "lora-gaussian", "niter", "passes", "pissa_niter_4"):
         assert name in result.output

@@ -20,8 +20,11 @@ def init_command(
     stream: StreamOptions,
     model: str = typer.Argument(..., help="Embedded name (smollm2-135m, minilm-l6), local folder, or hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: gets residual/, adapter/, pissa.json."),
-    niter: int = typer.Option(None, "--niter", help="Randomized-SVD power iterations (pissa); omit for exact SVD."),
-    oversample: int = typer.Option(None, "--oversample", help="Randomized-SVD extra sketch columns (default r)."),
+    niter: int = typer.Option(None, "--niter", help="Randomized block-Krylov SVD of this depth (pissa): 2N+2 passes "
+                                                    "over each weight; omit for the exact SVD. 3 beats PEFT's "
+                                                    "pissa_niter_4 (see pissa methods)."),
+    oversample: int = typer.Option(None, "--oversample",
+                                   help="Randomized SVD: extra columns per Krylov block (default 0)."),
     components: str = typer.Option(
         None, "--components", help="pissa: principal (default), medium, minor, or random singular triplets."
     ),
@@ -32,7 +35,8 @@ def init_command(
     ),
     target_regex: str = typer.Option(None, "--target-regex",
                                      help="One regex over full module (and expert-tensor) names instead."),
-    dtype: str = typer.Option("auto", "--dtype", help="Load and residual dtype: auto (as stored), bf16, fp16, fp32."),
+    dtype: str = typer.Option("auto", "--dtype", help="Residual dtype: auto (as stored), bf16, fp16, fp32; a "
+                                                       "streamed init casts each tensor as it goes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
     in_memory: bool = typer.Option(
@@ -45,9 +49,9 @@ def init_command(
 
     \b
       pissa init smollm2-135m --rank 16 --out out/smol-r16
-      pissa init meta-llama/Llama-3.1-8B --rank 64 --niter 4 --out out/llama-r64
+      pissa init meta-llama/Llama-3.1-8B --rank 64 --niter 3 --out out/llama-r64
       pissa init ./my-model --components minor --target-regex '.*mlp[.](gate|up|down)_proj' --out out/minor
-      pissa init ./Llama-70B --rank 64 --niter 4 --workers 4 --out out/llama70b-r64   (streams; re-run to resume)
+      pissa init ./Llama-70B --rank 64 --niter 3 --workers 4 --out out/llama70b-r64   (streams; re-run to resume)
       torchrun --nproc-per-node 8 -m pissa.cli init ./Llama-70B --device cuda --out out/llama70b-r64
       pissa init smollm2-135m --rank 64 --quantize nf4 --quant-iters 5 --out out/qpissa-r64
       pissa init ./Qwen3-30B-A3B --rank 16 --niter 4 --out out/qwen3-moe-r16   (MoE: every expert gets its own PiSSA)
@@ -125,9 +129,12 @@ def quant_rows(manifest: dict) -> list[tuple[str, str]]:
 
 
 def stream_rows(manifest: dict) -> list[tuple[str, str]]:
-    """How the run went: streamed (shards, workers, ranks, resumed) or in memory."""
+    """Which path ran: streamed (shards, workers, ranks, threads, resumed, cast) or in memory (and why)."""
     st = manifest.get("stream")
     if not st:
-        return [("mode", "in memory")]
-    return [("mode", f"streamed: {st['shards']} shard(s), {st['workers']} worker(s) x {st['world_size']} rank(s), "
-                     f"{st['device']}, {st['resumed_shards']} shard(s) resumed")]
+        why = (manifest.get("in_memory") or {}).get("why")
+        return [("mode", "in memory" + (f" ({why})" if why else ""))]
+    cast = f", cast to {st['cast']}" if st.get("cast") else ""
+    threads = f" x {st['threads']} thread(s)" if st.get("threads") else ""
+    return [("mode", f"streamed: {st['shards']} shard(s), {st['workers']} worker(s){threads} x {st['world_size']} "
+                     f"rank(s), {st['device']}, {st['resumed_shards']} shard(s) resumed{cast}")]

@@ -15,7 +15,15 @@ from ..io.jsonfile import write_json as write_plain_json
 from ..io.manifest import build_manifest
 from ..io.reader import DTYPES, read_header, read_tensor
 from ..io.writer import ShardWriter, copy_side_files, layout, os_error, write_index
-from ..layout import ADAPTER_DIR, ADAPTER_KEY_PREFIX, ADAPTER_WEIGHTS_FILE, LINEAR, LINEAR_KEYS, RESIDUAL_DIR
+from ..layout import (
+    ADAPTER_DIR,
+    ADAPTER_KEY_PREFIX,
+    ADAPTER_WEIGHTS_FILE,
+    LINEAR,
+    LINEAR_KEYS,
+    MODEL_CONFIG_FILE,
+    RESIDUAL_DIR,
+)
 from .config import PissaConfig
 from .expert_layers import expert_info
 from .experts import ExpertTarget
@@ -39,8 +47,11 @@ def finalize(model: str, plan: Plan, config: PissaConfig, work: Path, out: Path)
     trainable = write_adapter_folder(plan, work, out, order)
     write_residual_index(plan, work)
     copy_side_files(plan.reader.folder, work / RESIDUAL_DIR, tokenizer_to=work / ADAPTER_DIR)
+    first = next(iter(plan.targets))
+    residual_dtype = dtype_name(plan.casts.get(first, DTYPES[plan.reader.entry(first).dtype]))
+    if plan.casts:  # as save_pretrained writes it for a model loaded with dtype=...
+        set_config_dtype(work / RESIDUAL_DIR / MODEL_CONFIG_FILE, residual_dtype)
     quantization = record_quantization(config, layers, work / RESIDUAL_DIR)
-    residual_dtype = dtype_name(DTYPES[plan.reader.entry(next(iter(plan.targets))).dtype])
     return build_manifest(
         source=str(model),
         config=config.to_dict(),
@@ -131,11 +142,24 @@ def packed_factors(t: ExpertTarget, parts: Parts) -> tuple:
     return t.layout.pack(*t.layout.block_factors(As, Bs))
 
 
+def set_config_dtype(path: Path, dtype: str) -> None:
+    """Record the residual's dtype in its config.json under the key transformers writes (`dtype`; older
+    configs also carry `torch_dtype`)."""
+    import json
+
+    config = json.loads(path.read_text())
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    write_json(path, config)
+
+
 def write_residual_index(plan: Plan, work: Path) -> None:
     reader = plan.reader
     if not reader.sharded:
         return
-    total = sum(reader.headers[s].data_bytes for s in reader.shards)  # residuals keep every dtype and shape
+    # residuals keep every shape, and every dtype unless --dtype cast it: read the sizes from the files
+    total = sum(read_header(work / RESIDUAL_DIR / s).data_bytes for s in reader.shards)
     write_index(work / RESIDUAL_DIR, reader.weight_map, total, {k: v for k, v in reader.index_metadata.items()
                                                              if k != "total_size"})
 

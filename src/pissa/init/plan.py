@@ -9,14 +9,16 @@ shard headers, so a bad target is refused before any output is written.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..decompose import lora_scale
+from ..dtypes import parse_dtype
 from ..errors import PissaError
-from ..io.reader import CheckpointReader, TensorEntry
+from ..io.reader import DTYPES, CheckpointReader, TensorEntry
 from ..layout import LINEAR, ExpertLayout, LayerKind, kind_of
 from ..models import check_not_quantized, meta_model
 from .config import PissaConfig
@@ -49,6 +51,7 @@ class Plan:
     model_class: type
     experts: dict[str, ExpertTarget] = field(default_factory=dict)  # live fused tensor -> target
     coverage: dict = field(default_factory=dict)  # init.coverage: the share of matrix weights adapted
+    casts: dict[str, torch.dtype] = field(default_factory=dict)  # --dtype: tensor name -> dtype it is cast to
 
 
 def tensor_key(module: str, reader: CheckpointReader, prefix: str) -> str | None:
@@ -79,8 +82,25 @@ def check_entry(entry: TensorEntry, param_shape: tuple[int, ...], rank: int, tar
         )
 
 
-def make_plan(folder: str | Path, config: PissaConfig, trust_remote_code: bool = False) -> Plan:
-    """Validate the checkpoint and resolve every target to a tensor, rank and scale."""
+def cast_plan(reader: CheckpointReader, model, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Tensor name -> the dtype `from_pretrained(dtype=dtype)` loads it in, for the tensors that change: every
+    float tensor goes to `dtype`, except those transformers keeps in fp32 at that dtype (the model's
+    `_keep_in_fp32_modules`, matched as transformers matches them: a regex search in the name)."""
+    keep = list(getattr(model, "_get_dtype_plan", lambda d: {})(dtype))
+    kept = re.compile("|".join(k.replace("*", ".*") for k in keep)) if keep else None
+    casts = {}
+    for shard in reader.shards:
+        for entry in reader.entries(shard):
+            stored = DTYPES[entry.dtype]
+            wanted = torch.float32 if kept is not None and kept.search(entry.name) else dtype
+            if stored.is_floating_point and stored != wanted:
+                casts[entry.name] = wanted
+    return casts
+
+
+def make_plan(folder: str | Path, config: PissaConfig, trust_remote_code: bool = False, dtype: str = "auto") -> Plan:
+    """Validate the checkpoint and resolve every target to a tensor, rank and scale; `dtype` (not auto): the
+    dtype every float tensor is cast to as it streams, as `from_pretrained(dtype=...)` would load it."""
     folder = Path(folder)
     reader = CheckpointReader(folder)
     model = meta_model(folder, trust_remote_code)
@@ -105,7 +125,12 @@ def make_plan(folder: str | Path, config: PissaConfig, trust_remote_code: bool =
         check_entry(reader.entry(key), tuple(module.weight.shape), rank, target)
         targets[key] = target
     targets.update(expert_plan(model, reader, resolved.experts))
-    return Plan(reader, targets, lora, type(model), resolved.experts, coverage(model, resolved))
+    casts = {} if dtype == "auto" else cast_plan(reader, model, parse_dtype(dtype))
+    fused = [k for k, t in targets.items() if t.slot is not None and t.slot.expert is None]
+    if casts and fused:
+        raise PissaError(f"--dtype {dtype}: {fused[0]} stores all its experts in one tensor, which the streaming "
+                         "init decomposes one expert at a time in its stored dtype; omit --dtype, or pass --in-memory")
+    return Plan(reader, targets, lora, type(model), resolved.experts, coverage(model, resolved), casts)
 
 
 def expert_plan(model, reader: CheckpointReader, experts: dict[str, ExpertTarget]) -> dict[str, Target]:

@@ -70,31 +70,33 @@ def run_init(
 
     `progress(done, total, layer_name)` lets a caller drive a progress bar. A local safetensors folder
     (embedded names resolve to one) is streamed in bounded memory (`workers`, `device`, `resume` and
-    `batch` apply there, see `StreamOptions`); `stream=False` forces the in-memory path, which also
-    serves hub ids and pickled checkpoints.
+    `batch` apply there, see `StreamOptions`; `dtype` casts each tensor as it streams); `stream=False`
+    forces the in-memory path, which also serves hub ids and pickled checkpoints.
     """
     start = time.perf_counter()
     resolved = resolve_model(model)  # once: an embedded name is converted to a folder on first use
+    local = is_safetensors_folder(resolved)
     if stream is None:
-        stream = dtype == "auto" and is_safetensors_folder(resolved)
+        stream = local
     if stream:
-        if dtype != "auto":
-            raise PissaError(f"--dtype {dtype} casts the whole model, which streaming does not do; pass --in-memory")
         options = StreamOptions(workers=workers, device=device, resume=resume, batch=batch)
-        stream_init(model, resolved, config, out, overwrite, trust_remote_code, progress, options)
+        stream_init(model, resolved, config, out, overwrite, trust_remote_code, progress, options, dtype)
         manifest = read_manifest(out)
     else:
         if workers != 1 or device != "cpu" or batch:
             raise PissaError("--workers, --device and --batch-same-shape apply to streaming init only; drop them "
                              "with --in-memory")
-        manifest = init_in_memory(model, resolved, config, Path(out), overwrite, dtype, trust_remote_code, progress)
+        why = "asked for (--in-memory)" if local else "not a local safetensors folder"
+        manifest = init_in_memory(model, resolved, config, Path(out), overwrite, dtype, trust_remote_code, progress,
+                                  why)
     return InitResult(out=Path(out), manifest=manifest, trainable_params=manifest["trainable_params"],
                       seconds=time.perf_counter() - start)
 
 
 def init_in_memory(model: str, resolved: str, config: PissaConfig, out: Path, overwrite: bool, dtype: str,
-                   trust_remote_code: bool, progress) -> dict:
-    """Load the whole model, initialise it with PEFT in memory, and write OUT; returns the manifest."""
+                   trust_remote_code: bool, progress, why: str = "asked for") -> dict:
+    """Load the whole model, initialise it with PEFT in memory, and write OUT; returns the manifest, whose
+    `in_memory` entry says `why` this path ran."""
     out = check_output_dir(out, overwrite, inputs=[resolved])  # fail before the (slow) load, not after
     resolve_targets(meta_model(resolved, trust_remote_code), config)  # bad targets fail before the load too
     base, tokenizer, path = load_model(resolved, dtype, trust_remote_code)
@@ -124,5 +126,6 @@ def init_in_memory(model: str, resolved: str, config: PissaConfig, out: Path, ov
             quantization=quantization,
             coverage=covered,
         )
+        manifest["in_memory"] = {"why": why, "dtype": dtype}
         write_manifest(tmp, manifest)
     return manifest

@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,11 +19,12 @@ import torch
 from ..decompose import decompose_batch, get_method, layer_seed
 from ..dtypes import parse_dtype
 from ..errors import PissaError
-from ..io.reader import CheckpointError, ShardHeader, TensorEntry, read_slice, read_tensor
+from ..io.reader import CODES, CheckpointError, ShardHeader, TensorEntry, read_slice
 from ..io.writer import ShardWriter, layout, os_error, write_tensors
 from ..layout import ADAPTER_DIR, LINEAR, RESIDUAL_DIR, embedding_base_key
 from .config import PissaConfig
 from .layers import decompose_weight
+from .pipeline import ShardIO
 from .plan import Target
 
 STATE_DIR = ".stream"  # inside the work folder; removed before the final rename
@@ -41,6 +42,8 @@ class ShardJob:
     device: str
     threads: int  # torch threads; LAPACK results depend on it, so every worker uses the same count
     batch_bytes: int = 0  # fp32 bytes of same-shape weights decomposed in one batched call; 0: one at a time
+    casts: dict[str, torch.dtype] = field(default_factory=dict)  # --dtype: tensor name -> dtype it is cast to
+    overlap: bool = True  # read ahead and write behind in threads (False: one thing at a time; same bits)
 
 
 def done_record(work: Path, shard: str) -> Path:
@@ -149,18 +152,26 @@ def return_big_frees_to_os() -> None:
 
 
 def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """Write `job.shard`'s residual shard, adapter part and completion record; returns layer infos."""
+    """Write `job.shard`'s residual shard, adapter part and completion record; returns layer infos.
+
+    Reads run ahead and writes run behind the decomposition in threads (`init.pipeline.ShardIO`), within a
+    byte budget of one batch plus one of the shard's largest targeted tensors (`read_order`)."""
     torch.set_num_threads(job.threads)
     return_big_frees_to_os()
     residual_path = job.work / RESIDUAL_DIR / job.shard
-    out_entries = layout([(t.name, t.dtype, t.shape) for t in job.entries])
+    out_entries = layout([(t.name, CODES[job.casts[t.name]] if t.name in job.casts else t.dtype, t.shape)
+                          for t in job.entries])
     factors, layers = {}, {}
     src = job.source / job.shard
     batches = plan_batches(job.entries, job.targets, job.batch_bytes)
-    by_name = {e.name: e for e in job.entries}
+    # A fused expert tensor is read and written one expert at a time by the main thread (decompose_fused):
+    # it stays out of the read-ahead, and a shard holding one runs its reads and writes in order.
+    fused = {e.name for e in job.entries if e.name in job.targets and is_fused(job.targets[e.name])}
+    order, budget = read_order(tuple(e for e in job.entries if e.name not in fused), job.targets, batches)
     ahead: dict[str, tuple] = {}  # results of batch members decomposed before their turn to be written
     try:
-        with open(src, "rb") as f, ShardWriter(residual_path, out_entries, job.header.metadata) as w:
+        with open(src, "rb") as f, ShardWriter(residual_path, out_entries, job.header.metadata) as w, \
+                ShardIO(f, job.header, order, w, budget, job.overlap and not fused) as io:
             for entry in job.entries:
                 target = job.targets.get(entry.name)
                 if target is not None and is_fused(target):  # all experts in one tensor: one expert at a time
@@ -173,20 +184,22 @@ def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> d
                         progress(target.module)
                     continue
                 if target is None:
-                    tensor = read_tensor(f, job.header, entry)
+                    tensor = cast(io.get(entry.name), job.casts.get(entry.name))
                 else:
                     if entry.name not in ahead:  # the first of its batch: read and decompose them all
                         names = batches[entry.name]
-                        stored = [read_tensor(f, job.header, by_name[n]) for n in names]
+                        stored = [cast(io.get(n), job.casts.get(n)) for n in names]
                         results = decompose_targets(stored, [job.targets[n] for n in names], job.config, job.device)
                         del stored
                         ahead.update(zip(names, results, strict=True))
+                        del results  # `ahead` holds them until written: nothing else may (see ShardIO's budget)
                     tensor, parts, layers[target.module] = ahead.pop(entry.name)
                     factors.update(parts)
                     if progress:
                         progress(target.module)
-                w.write(entry.name, tensor)
+                io.put(entry.name, tensor)
                 del tensor
+            io.close()
     except OSError as e:
         if isinstance(e, PissaError):
             raise
@@ -194,6 +207,28 @@ def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> d
     write_tensors(adapter_part(job.work, job.shard), factors)
     write_record(done_record(job.work, job.shard), layers)
     return layers
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor if dtype is None else tensor.to(dtype)
+
+
+def read_order(entries: tuple[TensorEntry, ...], targets: dict[str, Target],
+               batches: dict[str, list[str]]) -> tuple[list[TensorEntry], int]:
+    """The order `run_shard` asks for tensors (file order, a batch's members together at its first), and the
+    read-ahead budget in bytes: the largest batch plus one largest targeted tensor (at least 32 MB). While
+    a weight decomposes, the last residual is written and then the next weight read; a third tensor's
+    worth bought no overlap and cost its memory (peak RSS is the goal that binds at 1 GB)."""
+    by_name = {e.name: e for e in entries}
+    order, seen = [], set()
+    for e in entries:
+        for name in batches[e.name] if e.name in targets else [e.name]:
+            if name not in seen:
+                seen.add(name)
+                order.append(by_name[name])
+    largest = max((e.nbytes for e in entries if e.name in targets), default=0)
+    batch = max((sum(by_name[n].nbytes for n in names) for names in batches.values()), default=0)
+    return order, max(batch + largest, 32 << 20)
 
 
 def write_record(path: Path, layers: dict[str, dict]) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import dtype_name, parse_dtype
 from ..errors import PissaError
 from ..io.atomic import check_output_dir, replace_dir
 from ..io.manifest import versions
@@ -35,6 +36,10 @@ from .finalize import finalize, write_json
 from .parallel import Ranks, run_jobs
 from .plan import Plan, make_plan
 from .shard_job import STATE_DIR, ShardJob, read_record
+
+# Reads run ahead and writes run behind the decomposition in threads (init.pipeline); False runs one thing
+# at a time, which gives the same bits (tests compare the two).
+OVERLAP = True
 
 # Same-shape weights of a shard are decomposed in batches of up to this many fp32 bytes (the batch then
 # holds ~3x that on the device, its inputs and residuals ~1x more on the host). On by default on GPUs,
@@ -69,6 +74,8 @@ class StreamStats:
     world_size: int
     device: str
     batch_bytes: int  # 0: one weight at a time
+    threads: int  # torch threads of each worker
+    cast: str | None = None  # --dtype: the dtype float tensors were cast to as they streamed
 
 
 def work_dir_for(out: Path) -> Path:
@@ -79,8 +86,9 @@ def work_dir_for(out: Path) -> Path:
 def fingerprint(plan: Plan, config: PissaConfig, device: str, threads: int, batch_bytes: int) -> dict:
     """What must match for finished shards to be reused: inputs, settings, and what affects bits."""
     shards = {s: [h.path.stat().st_size, h.path.stat().st_mtime_ns] for s, h in plan.reader.headers.items()}
+    casts = {name: dtype_name(d) for name, d in plan.casts.items()}
     return {"source": str(plan.reader.folder.resolve()), "shards": shards, "config": config.to_dict(),
-            "device": device, "threads": threads, "batch_bytes": batch_bytes, "versions": versions()}
+            "device": device, "threads": threads, "batch_bytes": batch_bytes, "casts": casts, "versions": versions()}
 
 
 def batch_size_bytes(batch: bool | None, device: str) -> int:
@@ -121,6 +129,8 @@ def shard_jobs(plan: Plan, config: PissaConfig, work: Path, device: str, threads
             device=device,
             threads=threads,
             batch_bytes=batch_bytes,
+            casts={t.name: plan.casts[t.name] for t in reader.entries(s) if t.name in plan.casts},
+            overlap=OVERLAP,
         )
         for s in reader.shards
     ]
@@ -145,8 +155,11 @@ def stream_init(
     trust_remote_code: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
     options: StreamOptions | None = None,
+    dtype: str = "auto",
 ) -> Path:
     """Stream-initialise the safetensors checkpoint folder `path` into OUT; returns OUT.
+
+    `dtype` (not auto) casts every float tensor as it streams, as `from_pretrained(dtype=...)` loads it.
 
     `model` is what the user typed (recorded in the manifest). `options.workers` processes split the
     shards; under torch.distributed each rank takes its share too. A run that crashed, was killed or
@@ -158,7 +171,7 @@ def stream_init(
     out = check_output_dir(out, overwrite, inputs=[path])
     ranks = Ranks.from_env()
     device = check_device(ranks.local_device(options.device))
-    plan = make_plan(path, config, trust_remote_code)  # every check happens before anything is written
+    plan = make_plan(path, config, trust_remote_code, dtype)  # every check happens before anything is written
     threads = torch.get_num_threads()
     work = work_dir_for(out)
     batch_bytes = batch_size_bytes(options.batch, device)
@@ -170,7 +183,8 @@ def stream_init(
     mine = ranks.share(shard_jobs(plan, config, work, device, threads, batch_bytes))
     jobs = [j for j in mine if read_record(work, j.shard) is None]
     total = sum(len(j.targets) for j in mine)
-    stats = StreamStats(len(plan.reader.shards), resumed, options.workers, ranks.world, device, batch_bytes)
+    stats = StreamStats(len(plan.reader.shards), resumed, options.workers, ranks.world, device, batch_bytes, threads,
+                        None if dtype == "auto" else dtype_name(parse_dtype(dtype)))
     try:
         run_jobs(jobs, options.workers, progress, total, total - sum(len(j.targets) for j in jobs))
         ranks.barrier()
