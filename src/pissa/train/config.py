@@ -5,6 +5,7 @@ decay, alpha = r, dropout 0, adapters on every linear layer, fp32 adapters."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 from dataclasses import dataclass, field
 
@@ -13,6 +14,8 @@ from .methods import TRAIN_METHODS, get_train_method
 
 # Fields that may change between a run and its --resume without changing the run itself.
 RESUME_FREE = {"resume", "overwrite", "convert_at_end", "tensorboard"}
+STAGES = ("sft", "dpo")
+DPO_BETA = 0.1
 
 
 @dataclass
@@ -34,13 +37,24 @@ class TrainConfig:
                 "orthogonality regulariser; saved as a stock PEFT AdaLoRA adapter."})
     orth_reg_weight: float = field(default=0.1, metadata={
         "help": "--train-singular-values: weight of the regulariser ‖AAᵀ−I‖ + ‖BᵀB−I‖ added to the loss."})
+    stage: str = field(default="sft", metadata={
+        "help": "sft: supervised, the loss on the answers only (TRL SFTTrainer); dpo: preference tuning on "
+                "prompt/chosen/rejected records against the model before training (TRL DPOTrainer)."})
     data: str = field(default="arith", metadata={
         "flags": ("-d",),
-        "help": "A .json/.jsonl file (Alpaca, MetaMathQA or chat `messages`), `arith[:split]` (bundled, "
-                "synthetic), or a Hugging Face dataset NAME[@CONFIG][:SPLIT], e.g. openai/gsm8k@main:train "
-                "(needs `datasets` and network)."})
+        "help": "A .json/.jsonl file (sft: chat `messages`, ShareGPT `conversations`, prompt/completion, Alpaca, "
+                "MetaMathQA, GSM8K question/answer, MATH, `text`; dpo: prompt/chosen/rejected), `arith[:split]` "
+                "(bundled, synthetic), or a Hugging Face dataset NAME[@CONFIG][:SPLIT], e.g. "
+                "openai/gsm8k@main:train (network needed)."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N records."})
     max_length: int = field(default=512, metadata={"help": "Drop examples longer than this many tokens."})
+    packing: bool = field(default=False, metadata={
+        "help": "sft: pack examples into rows of --max-length tokens (TRL best-fit packing, padding-free: no "
+                "attention across examples)."})
+    padding_free: bool = field(default=False, metadata={
+        "help": "sft: each batch as one row with no padding (TRL padding-free; sdpa/flash attention)."})
+    beta: float | None = field(default=None, metadata={
+        "help": "dpo: how far the policy may move from the reference (DPO's beta; default 0.1)."})
     rank: int = field(default=16, metadata={"flags": ("-r",),
                                             "help": "Adapter rank r (--model only; --init keeps its rank)."})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; default alpha = r (paper)."})
@@ -95,12 +109,32 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "rank"):
             if getattr(self, name) <= 0:
                 raise PissaError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise PissaError(f"--lr must be > 0, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise PissaError(f"--lr must be a finite number > 0, got {self.lr}")
+        if self.limit is not None and self.limit <= 0:
+            raise PissaError(f"--limit must be a positive number of records, got {self.limit}")
+        if self.max_length < 2:
+            raise PissaError(f"--max-length must be at least 2 tokens, got {self.max_length}")
+        self._check_stage()
         if not 0 <= self.warmup_ratio < 1:
             raise PissaError(f"--warmup-ratio is a fraction of the steps in [0, 1), got {self.warmup_ratio}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
             raise PissaError("nothing to train: give --max-steps > 0 or --epochs > 0")
+
+    def _check_stage(self) -> None:
+        if self.stage not in STAGES:
+            raise PissaError(f"unknown --stage {self.stage!r}; choose one of: {', '.join(STAGES)}")
+        if self.stage == "dpo" and (self.packing or self.padding_free):
+            raise PissaError("--packing and --padding-free apply to --stage sft (TRL's DPOTrainer pads its batches); "
+                             "drop them")
+        if self.beta is not None and self.stage != "dpo":
+            raise PissaError("--beta is DPO's; it applies to --stage dpo only")
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise PissaError(f"--beta must be a finite number > 0, got {self.beta}")
+
+    @property
+    def dpo_beta(self) -> float:
+        return DPO_BETA if self.beta is None else self.beta
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
