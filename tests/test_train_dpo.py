@@ -251,3 +251,19 @@ def test_bad_preference_records_refused_before_writing(tmp_path, tiny_dir, line,
     with pytest.raises(PissaError, match=message):
         TrainRecipe(dpo_config(tmp_path, tiny_dir, tmp_path / "p.jsonl")).setup()
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_stage_dpo(tmp_path, tiny_dir, prefs_file):
+    from typer.testing import CliRunner
+
+    from pissa.cli import app
+
+    run = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_dir), "--stage", "dpo", "--data", str(prefs_file),
+                                      "--out", str(run), "--rank", "4", "--max-steps", "2", "--beta", "0.2",
+                                      "--max-length", "128", "--no-tensorboard"])
+    assert result.exit_code == 0, result.output
+    assert "reward margin first -> last" in result.output and "(dpo)" in result.output
+    command = (run / "train_config.yaml").read_text().splitlines()[0]
+    assert "--stage dpo" in command and "--beta 0.2" in command  # the saved command repeats the run
+    assert [r["step"] for r in read_log(run)] == [1, 2] and "margin" in read_log(run)[0]

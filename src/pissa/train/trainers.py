@@ -62,6 +62,20 @@ def dpo_trainer_class():
 
 
 @contextmanager
+def quiet_datasets():
+    """No `datasets` progress bars while TRL prepares the records (pissa's own bar and summary report)."""
+    from datasets.utils import logging as datasets_logging
+
+    was_on = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets_logging.enable_progress_bar()
+
+
+@contextmanager
 def adapter_dtypes_kept(model):
     """Undo TRL's bf16 cast of a quantized model's trainable adapter weights (the same fp32 tensors return)."""
     saved = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
@@ -118,7 +132,7 @@ def training_args(config: TrainConfig, output_dir: str, adapter: bool):
 def build_sft_trainer(model, data, args, callbacks: list):
     """TRL's SFTTrainer over `data` (pissa.data.sft.SFTData); the model is trained as given."""
     args.assistant_only_loss = data.assistant_only_loss
-    with adapter_dtypes_kept(model):
+    with adapter_dtypes_kept(model), quiet_datasets():
         return sft_trainer_class()(model=model, args=args, train_dataset=data.dataset(),
                                    processing_class=data.tokenizer, callbacks=callbacks)
 
@@ -147,6 +161,6 @@ def build_dpo_trainer(model, data, tokenizer, args, adapter: bool, singular_valu
     """TRL's DPOTrainer over `data` (pissa.data.preference.PreferenceData), against the model before training."""
     ref_model, precompute = reference_for(model, adapter, singular_values)
     assert args.precompute_ref_log_probs == precompute, "training_args and reference_for disagree"
-    with adapter_dtypes_kept(model):
+    with adapter_dtypes_kept(model), quiet_datasets():
         return dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=data.dataset(),
                                    processing_class=copy.deepcopy(tokenizer), callbacks=callbacks)
