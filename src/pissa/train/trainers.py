@@ -2,7 +2,7 @@
 
 pissa hands TRL its records (`pissa.data.sft`, `pissa.data.preference`) and an already built model (a
 PeftModel for adapter methods: PiSSA's adapter is initialised before training, never by TRL), and
-adds three things, each because TRL would otherwise train something other than what was asked:
+adds these, each because TRL would otherwise train something other than what was asked, or slower:
 
 - `KeepsOrthogonality`: with --train-singular-values the adapter is PEFT's AdaLoRA, whose forward adds
   the orthogonality regulariser to `outputs.loss`; TRL rebuilds the loss from per-token log-probs and
@@ -13,6 +13,7 @@ adds three things, each because TRL would otherwise train something other than w
 - The DPO reference is the model before training (`reference_for`): TRL copies a loaded adapter into a
   frozen "ref" adapter, so the reference of PiSSA/QPiSSA/LoftQ is W_res + B0 A0 = W (or the fitted
   reconstruction), and of LoRA the base (B0 = 0). Never "adapters disabled", which for PiSSA is W_res.
+- `ModelLossOffTriton`: on a CPU the model's own loss, not TRL's fused LM head (the same number, faster there).
 """
 
 from __future__ import annotations
@@ -47,11 +48,46 @@ class KeepsOrthogonality:
         return result + penalty
 
 
+class ModelLossOffTriton:
+    """Mixin for TRL's SFTTrainer: the model's own loss where TRL's fused LM head has no Triton kernel.
+
+    TRL computes the SFT loss through a fused LM head. With Triton (CUDA, XPU) it scores only the labelled
+    positions, in tiles, never holding the (batch, length, vocab) logits. Without (CPU), its torch fallback
+    scores every position and recomputes the projection in backward: 1.2-1.4x the step time of the model's own
+    cross-entropy on the benchmark set-up (benchmarks/results/train_step.md). Both are the sum of
+    the labelled tokens' NLL over `num_items_in_batch`, so off Triton the model's own loss is used, as the
+    transformers Trainer computes it. A singular-value (AdaLoRA) adapter keeps TRL's path, where
+    `KeepsOrthogonality` counts its regulariser once per optimizer step.
+    """
+
+    fused_lm_head: bool | None = None  # None: decided at the first step; tests set it to compare both paths
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.fused_lm_head is None:
+            unwrapped = self.accelerator.unwrap_model(model)
+            self.fused_lm_head = triton_device(self.accelerator.device) or orthogonality_penalty(unwrapped) is not None
+        if self.fused_lm_head:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        from transformers import Trainer
+
+        inputs["use_cache"] = False
+        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+def triton_device(device: torch.device) -> bool:
+    """Where TRL's fused LM head runs its Triton kernels (trl.kernels.chunked_logprob)."""
+    import importlib.util
+
+    return device.type in ("cuda", "xpu") and importlib.util.find_spec("triton") is not None
+
+
 @functools.cache
 def sft_trainer_class():
     from trl import SFTTrainer
 
-    return type("PissaSFTTrainer", (KeepsOrthogonality, SFTTrainer), {})
+    return type("PissaSFTTrainer", (ModelLossOffTriton, KeepsOrthogonality, SFTTrainer), {})
 
 
 @functools.cache
