@@ -61,6 +61,8 @@ def char_tokenizer():
 def train_config(tmp_path, tiny_dir, data_file, name="run", **kw) -> TrainConfig:
     base = dict(out=str(tmp_path / name), model=str(tiny_dir), data=str(data_file), rank=4, lr=1e-2,
                 max_steps=10, batch_size=4, warmup_ratio=0.0, max_length=128, tensorboard=False)
+    if kw.get("init") is not None:  # an --init run brings its own rank
+        base.pop("rank")
     return TrainConfig(**{**base, **kw})
 
 
@@ -110,3 +112,93 @@ def load_with_adapter(model_dir, adapter_dir, **kwargs):
 def assert_nothing_written(tmp_path, out):
     assert not out.exists()
     assert not list(tmp_path.glob(f".{out.name}.tmp-*"))
+
+
+# --- PiSSA made by PEFT (and models of other families) -----------------------------------------------
+
+def build_tiny_gpt2(seed: int = 0):
+    """A 2-layer GPT-2 (Conv1D layers, hidden 64) with seeded random weights, in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval()
+
+
+def build_tiny_bert(seed: int = 0, num_labels: int | None = None):
+    """A 2-layer BERT (MiniLM's architecture, hidden 64): the bare encoder, or a sequence classifier."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, num_labels=num_labels or 2)
+    return (BertForSequenceClassification(config) if num_labels else BertModel(config)).eval()
+
+
+def outputs(model, tokens):
+    """Logits, or the last hidden state of a bare encoder."""
+    with torch.no_grad():
+        out = model(tokens)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def training_loss(model, data):
+    """A real loss for each family: causal LM, sequence classification, or the bare encoder's output."""
+    name = type(model.get_base_model()).__name__
+    if name.endswith("ForSequenceClassification"):
+        labels = data[:, 0] % model.get_base_model().config.num_labels
+        return model(input_ids=data, labels=labels).loss
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return model(input_ids=data, labels=data).loss
+    hidden = model(input_ids=data).last_hidden_state  # (batch, length, hidden): fit a fixed random target
+    target = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0))
+    return (hidden - target).pow(2).mean()
+
+
+def peft_pissa_run(model, root, init="pissa", steps=4, lr=1e-2, seed=0, length=16, **lora_kwargs):
+    """PiSSA as PEFT's docs do it, on `model` (saved first to root/original): get_peft_model with
+    init_lora_weights=`init`, the initial adapter saved with init_lora_weights=True (root/initial), real AdamW
+    steps, and the trained adapter saved as it is (root/trained: its config still says `init`). Returns the
+    trained PeftModel in eval mode (its base holds PEFT's in-memory residual)."""
+    from peft import LoraConfig, get_peft_model
+
+    model.save_pretrained(root / "original")
+    model = type(model).from_pretrained(root / "original").eval()  # as users load it: its path is recorded
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=init, **lora_kwargs))
+    peft_model.peft_config["default"].init_lora_weights = True
+    peft_model.save_pretrained(root / "initial")
+    peft_model.peft_config["default"].init_lora_weights = init
+    data = torch.randint(0, model.config.vocab_size, (4, length), generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    peft_model.train()
+    for _ in range(steps):
+        training_loss(peft_model, data).backward()
+        opt.step()
+        opt.zero_grad()
+    peft_model.eval()
+    peft_model.save_pretrained(root / "trained")
+    return peft_model
+
+
+def peft_convert(peft_model, root, name="peft"):
+    """PEFT's own conversion (save_pretrained(path_initial_model_for_weight_conversion=)) into root/name, from a
+    copy of root/initial (PEFT rewrites that folder's config)."""
+    import shutil
+
+    shutil.copytree(root / "initial", root / f"{name}-initial")
+    peft_model.save_pretrained(root / name, path_initial_model_for_weight_conversion=str(root / f"{name}-initial"))
+    return root / name
+
+
+def load_auto(model_dir, adapter_dir=None):
+    """A saved model (its own class, from config.json) with an optional adapter, in eval mode."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    cls = getattr(transformers, config.architectures[0])
+    model = cls.from_pretrained(model_dir).eval()
+    if adapter_dir is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir).eval()

@@ -111,7 +111,8 @@ def test_bf16_trained_adapter_keeps_both_halves_exact(run, tmp_path):
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_agrees_with_peft_own_conversion(use_rslora, tmp_path, tiny_llama_dir):
     """PEFT converts inside a live model (save_pretrained(path_initial_model_for_weight_conversion=));
-    we convert files. Same update per layer; identical tensors where PEFT also keeps the factors."""
+    we convert files. Same update per layer, and the same tensors and config: both keep the factors bit for
+    bit (alpha x2, or x sqrt(2) under rsLoRA)."""
     init = make_init(tiny_llama_dir, tmp_path / "init", rank=4, alpha=6, use_rslora=use_rslora)
     shutil.copytree(init / "adapter", tmp_path / "scratch" / "initial")  # PEFT rewrites this folder's config
     trained = train_pissa(init, tmp_path / "trained")
@@ -125,8 +126,8 @@ def test_agrees_with_peft_own_conversion(use_rslora, tmp_path, tiny_llama_dir):
         d_ours = layer_scale(c_ours, m) * ours[m][1] @ ours[m][0]  # (out, in)
         d_peft = layer_scale(c_peft, m) * peft[m][1] @ peft[m][0]  # (out, in)
         torch.testing.assert_close(d_ours, d_peft, atol=1e-6, rtol=0)
-        if not use_rslora:
-            assert torch.equal(ours[m][0], peft[m][0]) and torch.equal(ours[m][1], peft[m][1])
+        assert torch.equal(ours[m][0], peft[m][0]) and torch.equal(ours[m][1], peft[m][1])
+    assert (c_ours["r"], c_ours["lora_alpha"]) == (c_peft["r"], c_peft["lora_alpha"])
 
 
 def test_modules_to_save_are_copied_through(tmp_path, tiny_llama_dir, tokens):
@@ -152,7 +153,8 @@ def test_qpissa_init_is_converted_with_a_note(run, tmp_path, tiny_llama_dir):
     pytest.importorskip("bitsandbytes")
     root, _ = run
     init = make_init(tiny_llama_dir, tmp_path / "qinit", rank=4, quantize="nf4", quant_iters=1)
-    result = convert_to_lora(init / "adapter", init, tmp_path / "lora")  # untrained: ΔW = 0
+    shutil.copytree(init / "adapter", tmp_path / "untrained")  # (the init's own adapter/ is refused as trained)
+    result = convert_to_lora(tmp_path / "untrained", init, tmp_path / "lora")  # untrained: ΔW = 0
     assert len(result.notes) == 1 and "quantized (QPiSSA)" in result.notes[0]
     assert max(info["delta_fro"] for info in result.layers.values()) < 1e-9
     assert convert_to_lora(root / "trained", root / "init", tmp_path / "plain").notes == []
@@ -350,10 +352,17 @@ def test_refuses_missing_adapter_files(run, tmp_path):
     assert_nothing_written(tmp_path, tmp_path / "out")
 
 
-def test_refuses_an_init_folder_without_manifest(run, tmp_path):
+def test_refuses_the_trained_adapter_as_its_own_init(run, tmp_path):
+    """A folder with adapter_config.json is a PEFT initial adapter to --init, but not the trained one itself;
+    a folder that is none of the three kinds is named as such."""
     root, _ = run
-    with pytest.raises(PissaError, match=r"pissa\.json not found.*not a `pissa init` output"):
+    with pytest.raises(PissaError, match=r"trained is the initial adapter of --init .* itself"):
         convert_to_lora(root / "trained", root / "trained", tmp_path / "out")
+    with pytest.raises(PissaError, match=r"init/adapter is the initial adapter of --init .* itself"):
+        convert_to_lora(root / "init" / "adapter", root / "init", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PissaError, match=r"not a `pissa init` folder \(pissa\.json\), a PEFT initial adapter"):
+        convert_to_lora(root / "trained", tmp_path / "empty", tmp_path / "out")
     with pytest.raises(PissaError, match=r"is a `pissa init` folder, not an adapter"):
         convert_to_lora(root / "init", root / "init", tmp_path / "out")
     assert_nothing_written(tmp_path, tmp_path / "out")

@@ -104,8 +104,7 @@ def test_loftq_init_dir_equals_on_the_fly(tmp_path, tiny_dir, data_file):
 
     run_init(str(tiny_dir), PissaConfig(rank=4, quantize="nf4", quant_fit="loftq", quant_iters=2), tmp_path / "init")
     from_init = SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "from_init", model=None,
-                                       init=str(tmp_path / "init"),
-                                 max_steps=4, quant_iters=2))
+                                       init=str(tmp_path / "init"), max_steps=4))
     from_init.run()
     assert from_init.method.name == "loftq"
     SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "fly", method="loftq", max_steps=4, quant_iters=2)).run()
@@ -285,11 +284,16 @@ def test_model_and_init_exactly_one(tmp_path):
 def test_existing_run_folder_refused_and_config_kept(tmp_path, tiny_dir, data_file):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("x")
-    with pytest.raises(PissaError, match="already exists; pass --resume .* --overwrite"):
+    # an interrupted run with no checkpoint: both messages name the one flag that works (--overwrite)
+    with pytest.raises(PissaError, match="already exists and holds no checkpoint to resume from; pass --overwrite"):
         SFTRecipe(train_config(tmp_path, tiny_dir, data_file)).setup()
     assert (tmp_path / "run" / "keep.txt").exists()  # nothing touched
-    with pytest.raises(PissaError, match="no checkpoint"):
+    with pytest.raises(PissaError, match="no checkpoint .* pass --overwrite instead of --resume"):
         SFTRecipe(train_config(tmp_path, tiny_dir, data_file, resume=True)).setup()
+    # with a checkpoint, the plain re-run points at --resume
+    SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "saved", max_steps=2, save_steps=2)).run()
+    with pytest.raises(PissaError, match="already exists; pass --resume to continue it from its last checkpoint"):
+        SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "saved", max_steps=2, save_steps=2)).setup()
 
 
 def test_resume_with_changed_options_refused(tmp_path, tiny_dir, data_file):

@@ -232,9 +232,10 @@ def test_bundled_arith_preferences_train(tmp_path, tiny_dir):
 @pytest.mark.parametrize("kw, message", [
     (dict(stage="dpo", packing=True), "--packing and --padding-free apply to --stage sft"),
     (dict(beta=0.5), "--beta is DPO's; it applies to --stage dpo only"),
-    (dict(stage="dpo", beta=float("nan")), "--beta must be a finite number > 0"),
+    (dict(stage="dpo", beta=float("nan")), "--beta must be a finite number, got nan"),
+    (dict(stage="dpo", beta=0.0), "--beta must be > 0, got 0.0"),
     (dict(stage="ppo"), "unknown --stage 'ppo'"),
-    (dict(limit=-5), "--limit must be a positive number of records, got -5"),
+    (dict(limit=-5), "--limit must be >= 1, got -5"),
 ])
 def test_bad_options_refused(tmp_path, kw, message):
     with pytest.raises(PissaError, match=message):

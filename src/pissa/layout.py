@@ -46,9 +46,15 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_KEY_PREFIX = "base_model.model."
 CONVERSION_FILE = "conversion.json"  # written by `pissa convert` beside the converted adapter
+EXPORT_FILE = "export.json"  # written by `pissa export`: ranks, errors, parity, the serving command
 # Linear and conv layers hold their factors in submodules, embeddings in parameters.
 LINEAR_KEYS = (".lora_A.weight", ".lora_B.weight")
 EMBEDDING_KEYS = (".lora_embedding_A", ".lora_embedding_B")
+MAGNITUDE_KEY = ".lora_magnitude_vector"  # DoRA: one magnitude per output row of the (out, in) matrix
+BASE_LAYER = ".base_layer."  # a wrapped layer's own tensors (bias="lora_only", a targeted embedding's weight)
+
+# --- a LLaMA-Factory PiSSA output: the initial adapter PissaConvertCallback / scripts/pissa_init.py save ---
+LLAMA_FACTORY_INIT_DIR = "pissa_init"
 
 # --- a Hugging Face model folder --------------------------------------------------------------------
 MODEL_CONFIG_FILE = "config.json"
@@ -120,6 +126,14 @@ class RunDir:
 
 def is_run_dir(path: str | Path) -> bool:
     return RunDir(Path(path)).exists()
+
+
+def owner_of_residual(path: str | Path) -> Path | None:
+    """The `pissa init` folder or `pissa train` run whose residual/ `path` is, or None (a plain model)."""
+    path = Path(path)
+    if path.name != RESIDUAL_DIR:
+        return None
+    return path.parent if is_init_dir(path.parent) or is_run_dir(path.parent) else None
 
 
 # --- layer kinds -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from . import (  # noqa: F401  (each module registers its command)
     convert,
     demo,
     eval,
+    export,
     init,
     merge,
     methods,
@@ -13,6 +14,9 @@ from . import (  # noqa: F401  (each module registers its command)
     train,
 )
 from .app import app
+from .options import set_metavars
+
+set_metavars(app)
 
 
 def main() -> None:

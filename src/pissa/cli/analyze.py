@@ -27,10 +27,9 @@ def analyze_command(
 
     Examples:
 
+    \b
       pissa analyze smollm2-135m --out out/analysis
-
       pissa analyze smollm2-135m --rank 64 --layer layers.0.self_attn.q_proj --layer layers.15.mlp.down_proj --out out/a
-
       pissa analyze ./my-model --method robust --seeds 3 --out out/robust-analysis
     """
     import time

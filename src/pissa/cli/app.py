@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..errors import PissaError
+from ..errors import PissaError, PissaWarning
 
 app = typer.Typer(
     name="pissa",
@@ -21,20 +21,29 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: option names are never cut and flags show no <bool> metavar at 80 columns.
+    rich_markup_mode=None,
 )
 console = Console()
 err_console = Console(stderr=True)
 
 
+INTERRUPTED = "interrupted; nothing was written (outputs appear only when complete)"
+
+
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Print a user-fixable error in one line and exit with status 2 (no traceback)."""
+def user_errors(interrupted: str = INTERRUPTED) -> Iterator[None]:
+    """Print a user-fixable error in one line and exit with status 2 (no traceback); Ctrl-C prints one line
+    (`interrupted`: what happened to the output and how to go on) and exits 130."""
     try:
         yield
     except PissaError as e:
         # soft_wrap: one unbroken line, so long paths in the message stay greppable
         err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2) from e
+    except KeyboardInterrupt as e:
+        err_console.print(f"[bold yellow]{interrupted}[/]", soft_wrap=True)
+        raise typer.Exit(130) from e
 
 
 @contextmanager
@@ -68,7 +77,7 @@ def human_bytes(n: float) -> str:
 
 def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
+    table.add_column(style="bold", overflow="fold")  # paths are keys too: wrap, never cut
     table.add_column(overflow="fold")  # wrap long values (paths) instead of cutting them: users copy them
     for key, value in rows:
         table.add_row(key, value)
@@ -82,3 +91,15 @@ def _root() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.showwarning = show_warning
+
+
+_python_showwarning = warnings.showwarning
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """pissa's own warnings in one line, like its errors; any other warning as Python shows it."""
+    if issubclass(category, PissaWarning):
+        err_console.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)

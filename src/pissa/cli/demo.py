@@ -22,10 +22,9 @@ def demo_command(
 
     Examples:
 
+    \b
       pissa demo                                  # SmolLM2-135M, 30 steps: ~10 min on 2 CPU cores
-
       pissa demo --steps 100 --out demo-long      # train longer
-
       pissa demo --tiny --steps 2 --out /tmp/demo # a 2-layer model: seconds, for CI
     """
     from ..report.demo import Demo

@@ -30,12 +30,10 @@ def eval_command(
 
     Examples:
 
+    \b
       pissa eval smollm2-135m --data arith --limit 50 --max-new-tokens 128
-
       pissa eval out/smol-r16 --data arith:test        # a `pissa init` folder: residual + adapter
-
       pissa eval smollm2-135m --adapter runs/lora/adapter --data gsm8k_test.jsonl --task gsm8k
-
       pissa eval ./my-model --data math_test.jsonl --task math --backend vllm
     """
     from ..eval import run_eval

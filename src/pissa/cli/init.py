@@ -41,24 +41,20 @@ def init_command(
 
     Examples:
 
+    \b
       pissa init smollm2-135m --rank 16 --out out/smol-r16
-
       pissa init meta-llama/Llama-3.1-8B --rank 64 --niter 4 --out out/llama-r64
-
       pissa init ./my-model --method pissa --components minor --target-regex '.*mlp.*' --out out/minor
-
       pissa init ./Llama-70B --rank 64 --niter 4 --workers 4 --out out/llama70b-r64   (streams; re-run to resume)
-
       torchrun --nproc-per-node 8 -m pissa.cli init ./Llama-70B --device cuda --out out/llama70b-r64
-
       pissa init smollm2-135m --rank 64 --quantize nf4 --quant-iters 5 --out out/qpissa-r64
-
       pissa init smollm2-135m --rank 64 --quantize nf4 --quant-fit loftq --quant-iters 5 --out out/loftq-r64
     """
     from ..errors import PissaError
     from ..init import run_init
 
-    with user_errors():
+    with user_errors(interrupted="interrupted; re-run the same command to resume (a streamed init keeps its "
+                                 "finished shards; an in-memory one wrote nothing)"):
         if targets and target_regex:
             raise PissaError("give either --targets or --target-regex, not both")
         options = parse_key_values(option, "--option")

@@ -21,12 +21,14 @@ def merge_command(
 ):
     """Merge an adapter into its base and write a standalone model in the base's dtype.
 
+    DoRA adapters are merged as PEFT merges them; modules_to_save copies and trained biases replace the base's.
+
     Streams one shard at a time, copies config and tokenizer files, rebuilds the shard index.
 
     Examples:
 
+    \b
       pissa merge out/smol-lora-r32 --base smollm2-135m --out out/smol-merged
-
       pissa merge runs/smol/adapter --base out/smol-r16 --out out/smol-merged
     """
     from ..convert import merge_adapter
@@ -37,6 +39,8 @@ def merge_command(
         ("mode", result.mode),
         ("base folder", str(result.base)),
         ("merged layers", str(result.layers)),
+        *([("replaced tensors", f"{result.replaced} (modules_to_save copies, trained biases)")] if result.replaced
+          else []),
         ("shards", str(result.shards)),
         ("wall time", f"{result.seconds:.1f} s"),
         (str(out), human_bytes(result.size())),

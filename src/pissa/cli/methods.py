@@ -15,6 +15,7 @@ def methods_command():
 
     Example:
 
+    \b
       pissa methods
     """
     from ..decompose import METHODS

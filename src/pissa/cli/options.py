@@ -20,6 +20,7 @@ import json
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 
 import typer
 from typer.core import TyperCommand
@@ -39,6 +40,9 @@ def parse_key_values(pairs: list[str], flag: str) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
 def flag_of(field: dataclasses.Field) -> str:
@@ -72,14 +76,17 @@ def option_param(field: dataclasses.Field, hint) -> inspect.Parameter:
         off = "--" + field.metadata.get("negative", "no-" + flag[2:])
         decls, annotation = (f"{flag}/{off}", *extra), bool
     elif origin is list:
-        decls, annotation, default = (flag, *extra), list[typing.get_args(hint)[0]], list(default or [])
+        item = typing.get_args(hint)[0]
+        decls, annotation, default = (flag, *extra), list[item], list(default or [])
         help_text += " Repeatable, or several values after one flag."
     elif origin is dict:
         decls, annotation, default = (flag, *extra), list[str], [f"{k}={v}" for k, v in (default or {}).items()]
-        help_text += " KEY=VALUE, repeatable."
+        help_text += " Repeatable."
     else:
         decls, annotation = (flag, *extra), hint
-    option = typer.Option(default, *decls, help=help_text, show_default=default not in (None, [], ...))
+    metavar = "KEY=VALUE" if origin is dict else metavar_for(annotation)
+    option = typer.Option(default, *decls, help=help_text, metavar=metavar,
+                          show_default=default not in (None, [], ...))
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
 
 
@@ -101,6 +108,25 @@ def config_from(cls, values: dict, skip: tuple[str, ...] = ()):
             value = None
         kwargs[field.name] = value
     return cls(**kwargs)
+
+
+def metavar_for(annotation) -> str | None:
+    """N, X, TEXT, PATH (and "N ...", "TEXT ..." for lists) instead of typer's <int>, <list[str]>."""
+    annotation = unwrap_optional(annotation)
+    if annotation is bool:
+        return None
+    if typing.get_origin(annotation) is list:
+        return f"{metavar_for(typing.get_args(annotation)[0])} ..."
+    return METAVARS.get(annotation, "PATH" if annotation is Path else "TEXT")
+
+
+def set_metavars(app: typer.Typer) -> None:
+    """Give every option and argument of every command a readable metavar (in place, before click builds)."""
+    for info in app.registered_commands:
+        for param in inspect.signature(info.callback, eval_str=True).parameters.values():
+            default = param.default
+            if isinstance(default, typer.models.OptionInfo) and default.metavar is None:
+                default.metavar = metavar_for(param.annotation)
 
 
 class ListOptionsCommand(TyperCommand):

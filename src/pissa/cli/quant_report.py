@@ -28,10 +28,9 @@ def quant_report_command(
 
     Examples:
 
+    \b
       pissa quant-report smollm2-135m --ranks 16 64 --iters 1 5 --out out/quant-smollm2
-
       pissa quant-report minilm-l6 --ranks 16 --iters 1 5 --quant-type int8 --out out/quant-int8
-
       pissa quant-report ./llama --ranks 64 --iters 5 --niter 8 --targets q_proj --out out/q
     """
     from ..report.quant import run_quant_report, summarize

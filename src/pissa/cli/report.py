@@ -21,10 +21,9 @@ def report_command(
 
     Examples:
 
+    \b
       pissa report runs/lora runs/pissa --out report/
-
       pissa eval runs/pissa --data arith && pissa report runs/pissa --out report-pissa/
-
       pissa report runs/*/ --out all-runs --title "rank sweep" --overwrite
     """
     from ..report.runs import eval_rows, load_runs, write_run_report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..layout import RunDir
 from ..train.config import TrainConfig
 from .app import app, console, err_console, human_bytes, summary_table, user_errors
 from .options import config_command
@@ -17,22 +18,15 @@ def train_command(config: TrainConfig):
 
     Examples:
 
+    \b
       pissa train --model smollm2-135m --method pissa --rank 16 --max-steps 200 --out runs/pissa
-
       pissa init smollm2-135m --rank 16 --out out/smol-r16 && pissa train --init out/smol-r16 --out runs/from-init
-
       pissa train --model smollm2-135m --method lora --lr 2e-4 --data chats.jsonl --epochs 3 --out runs/lora
-
       pissa train --init out/smol-r16 --data chats.jsonl --packing --max-length 2048 --out runs/packed
-
       pissa train --init out/smol-r16 --stage dpo --data prefs.jsonl --beta 0.1 --lr 5e-6 --out runs/dpo
-
       pissa train --model smollm2-135m --method pissa --train-singular-values --max-steps 200 --out runs/pissa-sv
-
       accelerate launch --multi_gpu --num_processes 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp
-
       torchrun --nproc_per_node 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp-cpu   # CPU, gloo
-
       pissa train --model smollm2-135m --method pissa --max-steps 200 --save-steps 50 --out runs/pissa --resume
 
     Data (a .json/.jsonl file; the format is read from the first record):
@@ -45,7 +39,9 @@ def train_command(config: TrainConfig):
     from ..train import SFTRecipe
 
     out = Path(config.out)
-    with user_errors():
+    with user_errors(interrupted=f"interrupted; re-run with --resume to continue from the last checkpoint in "
+                                 f"{out / 'checkpoints'} (written every --save-steps), or with --overwrite to start "
+                                 "again"):
         with step_progress() as progress:
             recipe = SFTRecipe(config, progress=progress)
             summary = recipe.run()
@@ -73,9 +69,10 @@ def summary_rows(summary: dict, out: Path) -> list[tuple[str, str]]:
         ("tokens/s (median step)", fmt(summary["tokens_per_s_median"], ",.0f")),
         ("wall time", f"{summary['train_seconds']:.1f} s"),
     ]
-    for name in ("adapter", "model", "residual", "init_adapter", "log.jsonl", "loss.png"):
-        if (out / name).exists():
-            rows.append((str(out / name), human_bytes(dir_size(out / name))))
+    run = RunDir(out)
+    for path in (run.adapter, run.model, run.residual, run.init.root, run.log_jsonl, run.loss_png):
+        if path.exists():
+            rows.append((str(path), human_bytes(dir_size(path))))
     return rows
 
 

@@ -1,5 +1,6 @@
-"""The inputs of a conversion, read and checked before anything is computed: the trained adapter, the
-init it started from, and the per-layer rank, alpha and scale exactly as PEFT resolves them."""
+"""The inputs of a conversion, read and checked before anything is computed: adapters split into factors and
+the tensors carried unchanged, the checks that the trained adapter started from the init, and the per-layer
+rank, alpha and scale exactly as PEFT resolves them. Where the init comes from is `sources`."""
 
 from __future__ import annotations
 
@@ -11,16 +12,13 @@ import torch
 from ..decompose import lora_scale
 from ..errors import PissaError
 from ..io.adapter_files import embedding_modules, lora_pairs, read_lora_form
-from ..io.manifest import read_manifest
 from ..layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_KEY_PREFIX,
-    ADAPTER_WEIGHTS_FILE,
     EMBEDDING_KEYS,
     LINEAR_KEYS,
-    InitDir,
+    MAGNITUDE_KEY,
     embedding_base_key,
-    init_of_residual,
     is_init_dir,
 )
 
@@ -50,43 +48,43 @@ def layer_scale(config: dict, module: str) -> float:
 # --- reading and checking the inputs ----------------------------------------------------------
 
 def read_lora_adapter(folder: str | Path, role: str) -> tuple[dict, dict, dict, set[str]]:
-    """(config, lora pairs, other tensors, embedding modules) of a PEFT LoRA adapter folder; refuses what we
-    cannot convert."""
+    """(config, lora pairs, tensors carried unchanged, embedding modules) of a PEFT LoRA adapter folder
+    (`split_adapter`); refuses what we cannot convert."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PissaError(f"{role} {folder} does not exist; give the folder holding adapter_config.json")
     if is_init_dir(folder) and not (folder / ADAPTER_CONFIG_FILE).exists():
         raise PissaError(f"{folder} is a `pissa init` folder, not an adapter; give its trained adapter as {role}")
     config, state = read_lora_form(folder)  # --train-singular-values saves AdaLoRA: B·diag(E)·A
+    return split_adapter(config, state, f"{role} {folder}")
+
+
+def split_adapter(config: dict, state: dict, where: str) -> tuple[dict, dict, dict, set[str]]:
+    """(config, lora pairs, tensors carried unchanged, embedding modules) of an adapter in LoRA form.
+
+    Carried unchanged: DoRA magnitude vectors (DoRA normalises W + ΔW, the same matrix before and after
+    conversion), modules_to_save copies and trained biases, which apply to the original model as they are.
+    A targeted embedding's base weight, which PEFT also saves, is dropped: under PiSSA it is the residual,
+    which must never reach the original model (and otherwise it is the base's own weight)."""
     if config.get("peft_type", "LORA") != "LORA":
-        raise PissaError(f"{role} {folder} is a {config['peft_type']} adapter; only LoRA adapters can be converted")
-    if config.get("use_dora"):
-        raise PissaError(f"{role} {folder} uses DoRA; its magnitude vectors have no LoRA equivalent")
-    unsupported = [k for k in state if ".lora_" in k and not k.endswith(LINEAR_KEYS + EMBEDDING_KEYS)]
+        raise PissaError(f"{where} is a {config['peft_type']} adapter; only LoRA adapters can be converted")
+    known = LINEAR_KEYS + EMBEDDING_KEYS + (MAGNITUDE_KEY,)
+    unsupported = [k for k in state if ".lora_" in k and not k.endswith(known)]
     if unsupported:
-        raise PissaError(f"{role} {folder} holds {unsupported[0]}; only lora_A/lora_B of linear layers are supported")
+        why = " (lora_bias=True: a bias on lora_B)" if unsupported[0].endswith(".bias") else ""
+        raise PissaError(f"{where} holds {unsupported[0]}{why}; only lora_A/lora_B factors and DoRA magnitudes "
+                         "are supported")
+    if config.get("use_dora") and not any(k.endswith(MAGNITUDE_KEY) for k in state):
+        raise PissaError(f"{where} says use_dora but holds no {MAGNITUDE_KEY[1:]} (PEFT's own PiSSA conversion drops "
+                         "them); convert the trained adapter again with `pissa convert`")
     pairs = lora_pairs(state)
     if not pairs:
-        raise PissaError(f"{role} {folder} holds no lora_A/lora_B weights; is it a LoRA adapter?")
-    # PEFT also saves a targeted embedding's base weight: under PiSSA that is the residual, which must
-    # never reach the original model. What remains are modules_to_save copies: apply them as they are.
-    residual_keys = {ADAPTER_KEY_PREFIX + embedding_base_key(m) for m in embedding_modules(state)}
-    others = {k: v for k, v in state.items() if ".lora_" not in k and k not in residual_keys}
-    return config, pairs, others, embedding_modules(state)
-
-
-def read_init(init_dir: str | Path) -> tuple[dict, dict, dict]:
-    """(manifest, initial adapter config, initial lora pairs) of a `pissa init` output folder."""
-    init_dir = Path(init_dir)
-    manifest = read_manifest(init_dir)
-    if manifest.get("kind") != "pissa-init":
-        raise PissaError(f"{init_dir}/pissa.json is a {manifest.get('kind')!r} manifest; give a `pissa init` folder")
-    config, pairs, _, _ = read_lora_adapter(InitDir(init_dir).adapter, "init adapter")
-    missing = sorted(set(manifest.get("layers", {})) ^ set(pairs))
-    if missing:
-        raise PissaError(f"{init_dir}: the initial adapter and pissa.json disagree about layer {missing[0]}; "
-                         "the init folder was modified, re-run `pissa init`")
-    return manifest, config, pairs
+        raise PissaError(f"{where} holds no lora_A/lora_B weights; is it a LoRA adapter?")
+    embeddings = embedding_modules(state)
+    residual_keys = {ADAPTER_KEY_PREFIX + embedding_base_key(m) for m in embeddings}
+    others = {k: v for k, v in state.items() if k not in residual_keys
+              and (k.endswith(MAGNITUDE_KEY) or ".lora_" not in k)}
+    return config, pairs, others, embeddings
 
 
 def check_same_layers(trained: dict, init: dict, trained_dir: Path, init_dir: Path) -> None:
@@ -100,9 +98,11 @@ def check_same_layers(trained: dict, init: dict, trained_dir: Path, init_dir: Pa
     for module, (A1, B1) in trained.items():
         A0, B0 = init[module]
         if A1.shape != A0.shape or B1.shape != B0.shape:
+            converted = " (--init holds rank 2r: an already converted adapter?)" \
+                if A0.shape[0] == 2 * A1.shape[0] and A0.shape[1:] == A1.shape[1:] else ""
             raise PissaError(
                 f"layer {module}: trained A {tuple(A1.shape)}, B {tuple(B1.shape)} but init A {tuple(A0.shape)}, "
-                f"B {tuple(B0.shape)} (different rank or model); give the --init folder it was trained from"
+                f"B {tuple(B0.shape)} (different rank or model){converted}; give the --init folder it was trained from"
             )
 
 
@@ -113,20 +113,6 @@ def check_config_ranks(config: dict, pairs: dict, folder: Path) -> None:
         if r != A.shape[0]:
             raise PissaError(f"{folder}: adapter_config.json gives layer {module} rank {r} but its lora_A has rank "
                              f"{A.shape[0]}; the adapter folder is inconsistent, re-save it")
-
-
-def check_provenance(trained_config: dict, init_dir: Path, trained_dir: Path) -> None:
-    """Refuse an adapter whose config names the residual of another, still existing, init folder."""
-    other = init_of_residual(str(trained_config.get("base_model_name_or_path") or ""))
-    if other is None or other.resolve() == init_dir.resolve():
-        return
-    theirs, ours = InitDir(other).adapter / ADAPTER_WEIGHTS_FILE, InitDir(init_dir).adapter / ADAPTER_WEIGHTS_FILE
-    if not theirs.exists():
-        return
-    if theirs.read_bytes() != ours.read_bytes():
-        raise PissaError(f"{trained_dir} was trained on {InitDir(other).residual}, whose init folder {other} differs "
-                         f"from --init "
-                         f"{init_dir}; pass --init {other}")
 
 
 def init_similarity(trained: tuple[torch.Tensor, torch.Tensor], init: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -155,14 +141,3 @@ def check_compress_rank(rank: int, trained: dict) -> None:
         if rank > limit:
             raise PissaError(f"--rank {rank} is larger than the converted rank of layer {module} ({limit} = "
                              f"min(2r, in, out)); choose --rank <= {limit}, or omit it for the exact 2r adapter")
-
-
-def base_model_of(manifest: dict) -> str:
-    """The original model the converted adapter applies to (a loadable path for embedded models)."""
-    from ..models import is_embedded
-
-    source = manifest.get("source_model", "")
-    resolved = manifest.get("resolved_path")
-    if resolved and (is_embedded(source) or Path(resolved).exists()):
-        return str(Path(resolved).resolve()) if Path(resolved).exists() else resolved
-    return source

@@ -3,6 +3,8 @@
 Two pairings are valid, and both are `W + scale·B@A` on the adapter's target weights:
 - the original model + a converted adapter (`pissa convert`);
 - the residual model (`INIT/residual`, or just `INIT`) + the trained PiSSA adapter.
+A DoRA adapter's rows are then rescaled to its magnitudes, `m / ‖W + ΔW‖_row · (W + ΔW)`, as PEFT merges
+them; modules_to_save copies and trained biases replace the base's tensors.
 
 The base is read with the same lazy reader and written with the same shard writer as a streaming
 init (`pissa.io`), so one tensor is in memory at a time; every tensor keeps its stored dtype (the
@@ -20,18 +22,24 @@ from pathlib import Path
 import torch
 
 from ..errors import PissaError
+from ..io.adapter_files import base_changing_init
 from ..io.atomic import atomic_output_dir, check_output_dir, dir_size
 from ..io.reader import CheckpointReader, is_safetensors_folder, read_tensor
 from ..io.writer import ShardWriter, copy_side_files, layout, write_index
 from ..layout import (
+    ADAPTER_KEY_PREFIX,
+    BASE_LAYER,
     CONVERSION_FILE,
+    MAGNITUDE_KEY,
     MODEL_CONFIG_FILE,
     WEIGHT_SUFFIXES,
     InitDir,
     LayerKind,
-    init_of_residual,
+    RunDir,
     is_init_dir,
+    is_run_dir,
     kind_from_factors,
+    owner_of_residual,
 )
 from .inputs import layer_scale, read_lora_adapter
 
@@ -41,9 +49,10 @@ class MergeResult:
     out: Path
     base: Path
     mode: str  # "residual + PiSSA adapter" or "base + LoRA adapter"
-    layers: int
+    layers: int  # weights updated by B @ A (LoRA, DoRA)
     shards: int
     seconds: float
+    replaced: int = 0  # base tensors replaced by the adapter's full copies (modules_to_save, trained biases)
 
     def size(self) -> int:
         return dir_size(self.out)
@@ -57,6 +66,7 @@ class Update:
     B: torch.Tensor  # (out, r) or conv (out, r, 1, 1)
     scale: float
     kind: LayerKind
+    magnitude: torch.Tensor | None = None  # DoRA: (out,), the norm each row of W + ΔW is rescaled to
 
 
 # --- where the weights are ----------------------------------------------------------------------
@@ -67,7 +77,13 @@ def resolve_base(base: str | Path) -> Path:
 
     folder = Path(str(base)).expanduser()
     if is_init_dir(folder):
-        return InitDir(folder).residual
+        residual = InitDir(folder).residual
+        if not residual.is_dir() and RunDir(folder.parent).residual.is_dir():
+            raise PissaError(f"--base {base} holds only the run's initial adapter, not a model; the residual this "
+                             f"run trained on is {RunDir(folder.parent).residual}: pass --base {folder.parent}")
+        return residual
+    if is_run_dir(folder) and RunDir(folder).residual.is_dir():
+        return RunDir(folder).residual  # a `pissa train --model` PiSSA run: the residual it trained on
     resolved = Path(resolve_model(str(base)))
     if resolved.is_dir():
         return resolved
@@ -92,67 +108,105 @@ def open_base(folder: Path) -> CheckpointReader:
 
 def weight_key(module: str, reader: CheckpointReader) -> str:
     """The checkpoint name of a module's weight; tolerates a head prefix such as `model.` or `bert.`."""
-    key = f"{module}.weight"
+    return checkpoint_key(f"{module}.weight", reader, f"adapter layer {module}")
+
+
+def checkpoint_key(key: str, reader: CheckpointReader, what: str) -> str:
+    """`key` as the checkpoint names it (exactly, or under one head prefix such as `model.` or `bert.`)."""
     if key in reader.weight_map:
         return key
     matches = [k for k in reader.weight_map if k.endswith(f".{key}")]
     if len(matches) == 1:
         return matches[0]
-    raise PissaError(f"the base model has no weight for adapter layer {module} ({key}); the adapter was "
+    raise PissaError(f"the base model has no weight for {what} ({key}); the adapter was "
                      "trained on a different model, give the matching --base")
+
+
+def check_fits(module: str, A: torch.Tensor, B: torch.Tensor, kind: LayerKind, reader: CheckpointReader) -> str:
+    """The checkpoint key of the weight a layer's B @ A updates, refusing a weight of another shape."""
+    key = weight_key(module, reader)
+    stored = reader.entry(key).shape
+    # the stored shape B (out, r) @ A (r, in[, kh, kw]) updates: (in, out) for transposed kinds
+    want = (A.shape[1], B.shape[0]) if kind.transposed else (B.shape[0], *A.shape[1:])
+    if stored != want:
+        raise PissaError(f"adapter layer {module} needs a weight of shape {want} but {key} in {reader.folder} "
+                         f"is {stored}; the adapter was trained on a different model")
+    return key
+
+
+def replaced_key(name: str, tensor: torch.Tensor, reader: CheckpointReader) -> str:
+    """The base tensor a full tensor of the adapter replaces (a modules_to_save copy, a trained bias)."""
+    key = checkpoint_key(name.removeprefix(ADAPTER_KEY_PREFIX).replace(BASE_LAYER, "."), reader,
+                         f"the adapter's full tensor {name} (modules_to_save or bias)")
+    stored = reader.entry(key).shape
+    if stored != tuple(tensor.shape):
+        raise PissaError(f"the adapter's {name} is {tuple(tensor.shape)} but {key} in {reader.folder} is {stored}; "
+                         "the adapter was trained on a different model")
+    return key
 
 
 # --- checking the pairing -----------------------------------------------------------------------
 
 def check_pairing(adapter: Path, config: dict, base: Path) -> str:
     """Refuse the two silent mistakes (trained PiSSA adapter on the original, converted on the residual)."""
-    if init_of_residual(base) is not None:
+    if owner_of_residual(base) is not None:
         if (adapter / CONVERSION_FILE).exists():
             raise PissaError(f"{adapter} is a converted LoRA adapter for the original model, but --base {base} is a "
                              "PiSSA residual; pass the original model as --base")
         return "residual + PiSSA adapter"
     trained_on = str(config.get("base_model_name_or_path") or "")
-    init = init_of_residual(trained_on)
-    if init is not None:
+    if base_changing_init(config) is not None:
+        raise PissaError(f"{adapter} says init_lora_weights={config['init_lora_weights']!r}: PEFT trained it on a "
+                         f"base it changed in memory, not on --base {base}. Convert it first with `pissa convert "
+                         f"{adapter} --init INITIAL_ADAPTER`, then merge the converted adapter")
+    owner = owner_of_residual(trained_on)
+    if owner is not None:
+        init = owner if is_init_dir(owner) else RunDir(owner).init.root  # a run keeps its initial adapter in init/
         raise PissaError(
             f"{adapter} was trained on the PiSSA residual {trained_on}, but --base {base} is not a residual. "
-            f"Pass --base {init} (residual + adapter), or first run `pissa convert {adapter} "
+            f"Pass --base {owner} (residual + adapter), or first run `pissa convert {adapter} "
             f"--init {init}` to merge into the original model"
         )
     return "base + LoRA adapter"
 
 
-def plan_merge(adapter: Path, reader: CheckpointReader) -> tuple[dict[str, Update], str]:
-    """(weight key -> Update, mode), checked against the base's shard headers before anything is written."""
+def plan_merge(adapter: Path, reader: CheckpointReader) -> tuple[dict[str, Update | torch.Tensor], str]:
+    """(weight key -> Update, or the full tensor that replaces it; mode), checked against the base's shard
+    headers before anything is written."""
     config, pairs, others, embeddings = read_lora_adapter(adapter, "adapter")
-    if others:
-        raise PissaError(f"{adapter} holds full weights ({next(iter(others))}, from modules_to_save); merge "
-                         "supports LoRA layers only")
     mode = check_pairing(adapter, config, reader.folder)
+    magnitudes = {k.removeprefix(ADAPTER_KEY_PREFIX).removesuffix(MAGNITUDE_KEY): v for k, v in others.items()
+                  if k.endswith(MAGNITUDE_KEY)}
     plan = {}
     for module, (A, B) in pairs.items():
-        key = weight_key(module, reader)
         kind = kind_from_factors(A, module in embeddings, bool(config.get("fan_in_fan_out")))
-        stored = reader.entry(key).shape
-        # the stored shape B (out, r) @ A (r, in[, kh, kw]) updates: (in, out) for transposed kinds
-        want = (A.shape[1], B.shape[0]) if kind.transposed else (B.shape[0], *A.shape[1:])
-        if stored != want:
-            raise PissaError(f"adapter layer {module} needs a weight of shape {want} but {key} in {reader.folder} "
-                             f"is {stored}; the adapter was trained on a different model")
-        plan[key] = Update(A, B, layer_scale(config, module), kind)
+        key = check_fits(module, A, B, kind, reader)
+        plan[key] = Update(A, B, layer_scale(config, module), kind, magnitudes.get(module))
+    for name, tensor in others.items():
+        if not name.endswith(MAGNITUDE_KEY):
+            plan[replaced_key(name, tensor, reader)] = tensor
     return plan, mode
 
 
 # --- writing ------------------------------------------------------------------------------------
 
 def merged(W: torch.Tensor, update: Update) -> torch.Tensor:
-    """W + scale·B@A in W's stored layout, added in fp32 and rounded once to W's dtype."""
+    """W + scale·B@A in W's stored layout, added in fp32 and rounded once to W's dtype; with DoRA, each row
+    of the (out, in) matrix rescaled to its magnitude (PEFT's DoRA merge, computed in fp32)."""
     delta = update.scale * (update.B.flatten(1).float() @ update.A.flatten(1).float())  # (out, in)
     matrix = update.kind.to_matrix(W.float()) + delta  # (out, in)
+    if update.magnitude is not None:
+        matrix = matrix * (update.magnitude.float() / matrix.norm(dim=1))[:, None]  # (out, in)
     return update.kind.from_matrix(matrix, W.shape).to(W.dtype)
 
 
-def write_shards(reader: CheckpointReader, out: Path, plan: dict[str, Update],
+def check_finite(W: torch.Tensor, name: str, folder: Path) -> None:
+    if W.is_floating_point() and not bool(torch.isfinite(W).all()):
+        raise PissaError(f"{name} in {folder} contains NaN/Inf values; a merged model would carry them. Fix or "
+                         "re-export the base model")
+
+
+def write_shards(reader: CheckpointReader, out: Path, plan: dict[str, Update | torch.Tensor],
                  progress: Callable[[int, int, str], None] | None) -> None:
     """Stream every shard through tensor by tensor, merging the planned weights."""
     done = 0
@@ -162,8 +216,10 @@ def write_shards(reader: CheckpointReader, out: Path, plan: dict[str, Update],
         with open(reader.folder / shard, "rb") as f, ShardWriter(out / shard, layout(specs), header.metadata) as w:
             for entry in entries:
                 W = read_tensor(f, header, entry)
+                check_finite(W, entry.name, reader.folder)
                 if entry.name in plan:
-                    W = merged(W, plan[entry.name])
+                    new = plan[entry.name]
+                    W = merged(W, new) if isinstance(new, Update) else new.to(W.dtype)
                     done += 1
                     if progress:
                         progress(done, len(plan), entry.name)
@@ -183,8 +239,9 @@ def merge_adapter(
     """
     start = time.perf_counter()
     adapter = Path(adapter)
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, inputs=[adapter, base])
     base_dir = resolve_base(base)
+    check_output_dir(out, overwrite, inputs=[base_dir])  # a hub id's downloaded folder, an init's residual
     if not (base_dir / MODEL_CONFIG_FILE).exists():
         raise PissaError(f"{base_dir} has no {MODEL_CONFIG_FILE}; --base must be a model folder or a `pissa init` "
                          "folder")
@@ -196,5 +253,6 @@ def merge_adapter(
         if reader.sharded:
             total = sum(reader.headers[s].data_bytes for s in reader.shards)
             write_index(tmp, reader.weight_map, total)
-    return MergeResult(out=out, base=base_dir, mode=mode, layers=len(plan), shards=len(reader.shards),
-                       seconds=time.perf_counter() - start)
+    layers = sum(isinstance(v, Update) for v in plan.values())
+    return MergeResult(out=out, base=base_dir, mode=mode, layers=layers, shards=len(reader.shards),
+                       seconds=time.perf_counter() - start, replaced=len(plan) - layers)

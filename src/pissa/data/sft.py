@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import PissaError
+from ..errors import PissaError, PissaWarning
 from . import template as chat
 from .formats import FORMATS, Example, load_examples
 from .tokens import completion_text, is_templated, render_prompt, with_eos
@@ -130,7 +130,8 @@ def prepare(examples: list[Example], fmt: str, source: str, tokenizer, max_lengt
                          f"has {min(lengths)}); raise --max-length")
     if stop is False:
         warnings.warn(f"the chat template ends an assistant turn without a special end-of-turn token, so the model "
-                      f"does not learn to stop ({source}); use a template that closes each turn with EOS", stacklevel=2)
+                      f"does not learn to stop ({source}); use a template that closes each turn with EOS", PissaWarning,
+                      stacklevel=2)
     stats = DataStats(source=source, format=fmt, layout=layout, records=len(records), kept=len(kept),
                       too_long=len(records) - len(kept), max_length=max_length, stop_token_trained=stop)
     return SFTData(kept, stats, trl_tokenizer, assistant_only_loss=layout == "turns")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PissaError
-from ..io.adapter_files import lora_pairs, read_adapter_config, read_lora_form
+from ..io.adapter_files import base_changing_init, lora_pairs, read_adapter_config, read_lora_form
 from ..io.atomic import atomic_output_dir, check_output_dir
 from ..layout import (
     ADAPTER_CONFIG_FILE,
@@ -95,13 +95,27 @@ def run_target(run: RunDir) -> Target:
     elif run.init.residual.is_dir():  # a quantized method with --model: the 4-bit init it wrote first
         base = str(run.init.residual)
     elif config.get("init"):
-        base = str(InitDir(Path(config["init"])).residual)
+        base = str(InitDir(run_input(run, config, "init")).residual)
     elif run.init.exists():  # its initial adapter was kept: the trained one needs the run's residual
         raise PissaError(f"run {run.root} trained a PiSSA adapter but kept no residual/ (--no-save-residual); "
                          f"evaluate its converted LoRA, or pass the residual as RUN_OR_MODEL with --adapter")
     else:
-        base = config["model"]
+        base = str(run_input(run, config, "model"))
     return Target(base, run.adapter, "run")
+
+
+def run_input(run: RunDir, config: dict, name: str) -> Path:
+    """A run's --init or --model as recorded; if that path is gone (the project folder moved), the same
+    input relative to the run folder, as the run also recorded it."""
+    recorded = Path(config[name])
+    if not recorded.is_absolute() or recorded.exists():
+        return recorded
+    relative = ((config.get("resolved") or {}).get("run_relative") or {}).get(name)
+    moved = (run.root / relative) if relative else None
+    if moved is None or not moved.exists():
+        raise PissaError(f"run {run.root} was trained from --{name} {recorded}, which no longer exists (nor at "
+                         f"{moved} relative to the run); restore it, or evaluate with RUN_OR_MODEL and --adapter")
+    return moved
 
 
 def check_adapter_fits(model, adapter: Path, model_name: str) -> None:
@@ -156,8 +170,30 @@ def load_target(target: Target, dtype: str = "auto", trust_remote_code: bool = F
 
         check_adapter_fits(model, target.adapter, target.model)
         check_pissa_base(target)
+        check_no_recomputed_base(target.adapter)
         model = PeftModel.from_pretrained(model, str(target.adapter))
+    check_finite_weights(model, target)
     return model.eval(), tokenizer
+
+
+def check_no_recomputed_base(adapter: Path) -> None:
+    """An adapter whose config makes PEFT recompute the base on load (init_lora_weights "pissa_niter_4", ...)
+    would be evaluated on a base that is neither the original nor the residual it trained on."""
+    init = base_changing_init(read_adapter_config(adapter))
+    if init is not None:
+        raise PissaError(f"{adapter} says init_lora_weights={init!r}: PEFT would recompute its base on loading it "
+                         f"(a new random draw for randomized SVD), so no evaluation of it is meaningful. Convert it "
+                         f"first with `pissa convert {adapter} --init INITIAL_ADAPTER` and evaluate the converted "
+                         "adapter on the original model")
+
+
+def check_finite_weights(model, target: Target) -> None:
+    """NaN/Inf weights give a 'perplexity nan' that looks like a result: refuse them, naming the tensor."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            where = target.adapter if ".lora_" in name and target.adapter else target.model
+            raise PissaError(f"{name} in {where} contains NaN/Inf values; evaluation would only measure that. Fix "
+                             "or re-export the weights")
 
 
 def quantized_init_of(model: str) -> Path | None:
@@ -191,7 +227,8 @@ def run_eval(
 ) -> tuple[EvalResult, Path, Target]:
     """Evaluate RUN_OR_MODEL on `data` and write OUT/{eval.json, predictions.jsonl}."""
     target = resolve_target(spec, adapter)
-    out = check_output_dir(out or default_out(target, data, config.task), overwrite)
+    out = check_output_dir(out or default_out(target, data, config.task), overwrite,
+                           inputs=[target.model, target.adapter, data])
     examples = load_eval_examples(data, config.limit)
     backend = config.backend
     if backend == "vllm" or (backend == "auto" and vllm_available()):

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 from ..decompose import get_method, make_options
 from ..dtypes import parse_dtype
-from ..errors import PissaError
+from ..errors import PissaError, check_number, check_regex
+
+QUANT_OPTIONS = ("quant_fit", "quant_iters", "double_quant", "quant_storage", "compute_dtype")
 
 
 @dataclass
@@ -63,13 +65,15 @@ class PissaConfig:
     def __post_init__(self):
         if self.rank <= 0:
             raise PissaError(f"--rank must be > 0, got {self.rank}")
-        bad = {k: r for k, r in self.rank_pattern.items() if r <= 0}
+        bad = {k: r for k, r in self.rank_pattern.items() if not isinstance(r, int) or r <= 0}
         if bad:
-            raise PissaError(f"rank pattern ranks must be > 0, got {bad}")
-        if self.alpha is not None and self.alpha <= 0:
-            raise PissaError(f"--alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise PissaError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise PissaError(f"rank pattern ranks must be > 0 (whole numbers), got {bad}")
+        check_number(self.alpha, "--alpha", above=0)
+        check_number(self.dropout, "--dropout", minimum=0, below=1)
+        if isinstance(self.targets, str):
+            check_regex(self.targets, "--target-regex")
+        for pattern in self.rank_pattern:
+            check_regex(pattern, "--rank-pattern")
         get_method(self.method)
         make_options(self.method, self.options)  # refuses unknown options now, not mid-run
         parse_dtype(self.adapter_dtype)
@@ -77,6 +81,16 @@ class PissaConfig:
             from .quantized import check_quant_config
 
             check_quant_config(self)
+        else:
+            self._check_no_quant_options()
+
+    def _check_no_quant_options(self) -> None:
+        """Quantization settings without --quantize would be silently ignored: refuse them."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        given = [f"--{name.replace('_', '-')}" for name in QUANT_OPTIONS if getattr(self, name) != defaults[name]]
+        if given:
+            raise PissaError(f"{', '.join(given)} set how the residual is quantized; add --quantize nf4 (or fp4), "
+                             "or drop them")
 
     def alpha_for(self, rank: int) -> float:
         """The paper's default alpha = r keeps scale 1 for every layer, overridden ranks included."""

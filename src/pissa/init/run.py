@@ -93,7 +93,7 @@ def run_init(
 def init_in_memory(model: str, resolved: str, config: PissaConfig, out: Path, overwrite: bool, dtype: str,
                    trust_remote_code: bool, progress) -> dict:
     """Load the whole model, initialise it with PEFT in memory, and write OUT; returns the manifest."""
-    out = check_output_dir(out, overwrite)  # fail before the (slow) load, not after
+    out = check_output_dir(out, overwrite, inputs=[resolved])  # fail before the (slow) load, not after
     base, tokenizer, path = load_model(resolved, dtype, trust_remote_code)
     peft_model, layers = init_model(base, config, progress)
     # QPiSSA: the loader settings that reproduce the fitted quantization (None without --quantize).

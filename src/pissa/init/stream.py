@@ -155,7 +155,7 @@ def stream_init(
     weight equals its one-at-a-time result up to the summation order of batched kernels.
     """
     options = options or StreamOptions()
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, inputs=[path])
     ranks = Ranks.from_env()
     device = check_device(ranks.local_device(options.device))
     plan = make_plan(path, config, trust_remote_code)  # every check happens before anything is written

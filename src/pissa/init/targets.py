@@ -76,8 +76,12 @@ def resolve_targets(model: nn.Module, config: PissaConfig) -> dict[str, int]:
     for n in matched:
         check_module(model, n, modules[n])
     # PEFT's own pattern lookup, so our ranks are the ones PEFT gives each layer.
-    return {n: config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), n), config.rank)
-            for n in matched}
+    keys = {n: get_pattern_key(list(config.rank_pattern), n) for n in matched}
+    unused = sorted(set(config.rank_pattern) - set(keys.values()))
+    if unused:
+        raise PissaError(f"--rank-pattern {unused[0]} matches none of the targeted layers (names end like "
+                         f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in matched})[:6])}); fix or drop it")
+    return {n: config.rank_pattern.get(keys[n], config.rank) for n in matched}
 
 
 def is_supported(module: nn.Module) -> bool:

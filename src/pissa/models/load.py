@@ -9,14 +9,18 @@ import torch
 
 from ..dtypes import parse_dtype
 from ..errors import PissaError
-from ..layout import MODEL_CONFIG_FILE
+from ..layout import MODEL_CONFIG_FILE, WEIGHT_SUFFIXES
 from .embedded import EMBEDDED, is_embedded, resolve_embedded
 
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or spec.endswith(".safetensors")
+    """A name that can only be a local path: absolute, relative with ./ or ../, more than one slash, a
+    safetensors file, or one whose first folder exists here (h/nope when ./h exists)."""
+    first = spec.split("/", 1)[0]
+    return (spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or spec.endswith(".safetensors")
+            or ("/" in spec and Path(first).is_dir()))
 
 
 def resolve_model(spec: str | Path) -> str:
@@ -67,10 +71,24 @@ def model_class(config):
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 
+def check_weights(folder: Path) -> None:
+    """A local model folder must hold its weights, and safetensors shards must be whole (their headers are
+    checked by the one reader, which names a truncated or corrupted file)."""
+    from ..io.reader import CheckpointReader, is_safetensors_folder
+
+    if is_safetensors_folder(folder):
+        CheckpointReader(folder)
+    elif not any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir()):
+        raise PissaError(f"model folder {folder} has a {MODEL_CONFIG_FILE} but no weights (model.safetensors or "
+                         "its shards); download the weight files into it, or point at the complete folder")
+
+
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False):
     """Load (model, tokenizer or None, resolved path) with stock transformers; `dtype="auto"` keeps the
     checkpoint's dtype."""
     path = resolve_model(spec)
+    if Path(path).is_dir():
+        check_weights(Path(path))
     config = read_config(path, trust_remote_code)
     torch_dtype = dtype if dtype == "auto" else parse_dtype(dtype)
     model = model_class(config).from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..decompose import Factors, check_weight, decompose, get_method, make_options
+from ..dtypes import dtype_name
 from .formats import QuantizationError, QuantSpec, digest, fake_quantize
 from .metrics import frobenius, reduction_ratio
 
@@ -105,7 +106,7 @@ def fit_iterates(fit: str, W32: torch.Tensor, rank: int, spec: QuantSpec, iters:
 def check_fit_input(W: torch.Tensor, rank: int, spec: QuantSpec, iters: int, name: str) -> None:
     check_weight(W, rank, name)
     check_iters(iters)
-    if spec.dtype != str(W.dtype).removeprefix("torch."):
+    if spec.dtype != dtype_name(W.dtype):
         raise QuantizationError(f"{name}: quantization dtype {spec.dtype} differs from the weight's {W.dtype}")
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..dtypes import parse_dtype
+from ..dtypes import dtype_name, parse_dtype
+from ..layout import MODEL_CONFIG_FILE
 from .formats import QuantizationError, QuantSpec, digest, require_bnb, storage_dtype
 
 CONFIG_KEY = "pissa_quantization"
@@ -61,7 +62,7 @@ def annotate_config_(hf_config, record: dict) -> None:
 
 def read_record(residual_dir: str | Path) -> dict:
     """The recorded settings of a QPiSSA residual folder (OUT/residual)."""
-    path = Path(residual_dir) / "config.json"
+    path = Path(residual_dir) / MODEL_CONFIG_FILE
     if not path.exists():
         raise QuantizationError(f"{path} not found; give the residual/ folder written by `pissa init --quantize`")
     record = json.loads(path.read_text()).get(CONFIG_KEY)
@@ -112,7 +113,7 @@ def setting_mismatches(state, spec: QuantSpec) -> list[str]:
         "quant_type": state.quant_type,
         "double_quant": bool(state.nested),
         "blocksize": state.blocksize,
-        "dtype": str(state.dtype).removeprefix("torch."),
+        "dtype": dtype_name(state.dtype),
     }
     return [f"{k}={v} (fitted with {getattr(spec, k)})" for k, v in loaded.items() if v != getattr(spec, k)]
 
@@ -140,5 +141,5 @@ def check_quantized_model(model: nn.Module, record: dict, layers: dict[str, dict
                 f"{name}: the loaded 4-bit weight differs from the quantized residual the adapter was "
                 f"fitted against (same settings, other values: a different residual file or kernel); {fix}"
             )
-    computes = {str(m.compute_dtype).removeprefix("torch.") for m in modules.values()}
+    computes = {dtype_name(m.compute_dtype) for m in modules.values()}
     return {"layers": len(layers), "compute_dtype": sorted(computes)}

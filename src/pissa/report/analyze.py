@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..decompose import decompose, layer_seed
-from ..errors import PissaError
+from ..decompose import check_weight, decompose, layer_seed
+from ..errors import PissaError, check_number, check_regex
 from ..init import ADAPTER_NAME, PissaConfig, init_model, linear_modules
 from ..layout import kind_of
 
@@ -61,6 +61,9 @@ class AnalyzeConfig:
             raise PissaError(f"--seeds must be >= 2 to compare gradients across seeds, got {self.seeds}")
         if not self.layers:
             raise PissaError("give at least one --layer")
+        check_number(self.max_length, "--max-length", minimum=2)
+        for pattern in self.layers:
+            check_regex(pattern, "--layer")
         from ..decompose import get_method
 
         get_method(self.method)
@@ -233,6 +236,8 @@ def analyze_model(model: nn.Module, tokenizer, config: AnalyzeConfig,
         raise PissaError("the model has no linear layers to analyse")
     chosen = select_layers(list(modules), config.layers)
     weights = {n: kind_of(m).to_matrix(m.weight) for n, m in modules.items()}  # (out, in) each
+    for name, W in weights.items():  # NaN/Inf would fail deep inside an SVD: name the tensor instead
+        check_weight(W.detach(), 1, f"{name}.weight")
     spec = spectra({n: weights[n] for n in chosen}, config)
     dist = distributions(weights, config, progress)
     has_lm_loss = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None

@@ -109,7 +109,7 @@ def run_analyze(model: str, config: AnalyzeConfig, out: str | Path, overwrite: b
     from ..models import load_model
     from .analyze import analyze_model
 
-    out = check_output_dir(out, overwrite)  # before the (slow) load
+    out = check_output_dir(out, overwrite, inputs=[model])  # before the (slow) load
     loaded, tokenizer, _ = load_model(model, dtype="float32", trust_remote_code=trust_remote_code)
     analysis = analyze_model(loaded, tokenizer, config, progress)
     with atomic_output_dir(out, overwrite) as tmp:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import PissaError
+from ..errors import PissaError, check_number
 from ..io.atomic import check_output_dir
 from ..layout import RUN_EVAL_DIR, InitDir, RunDir
 
@@ -56,8 +56,10 @@ class DemoConfig:
                      "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise PissaError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise PissaError(f"--lr must be > 0, got {self.lr}")
+        check_number(self.lr, "--lr", above=0)
+        from ..data.synthetic import DEFAULT_SIZES
+
+        check_number(self.test_examples, "--test-examples", maximum=DEFAULT_SIZES["test"])  # arith's held-out split
 
 
 def tiny_model(folder: Path, seed: int) -> Path:
@@ -173,8 +175,8 @@ class Demo:
         from ..train import SFTRecipe, TrainConfig
 
         c = self.config
-        source = {"init": str(self.work / "pissa-init")} if method == "pissa" else {"model": self.model}
-        config = TrainConfig(out=str(self.work / method), method=method, rank=c.rank, lr=c.lr, max_steps=c.steps,
+        source = {"init": str(self.work / "pissa-init")} if method == "pissa" else {"model": self.model, "rank": c.rank}
+        config = TrainConfig(out=str(self.work / method), method=method, lr=c.lr, max_steps=c.steps,
                              batch_size=c.batch_size, limit=c.steps * c.batch_size, max_length=c.max_length,
                              seed=c.seed, tensorboard=False, data="arith:train", **source)
         summary = SFTRecipe(config).run()

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..decompose import check_weight
 from ..dtypes import dtype_name
-from ..errors import PissaError
+from ..errors import PissaError, check_number, check_regex
 from ..plots import pyplot, save
 from ..quant.fit import check_iters, fit_iterates, qlora_iterate
 from ..quant.formats import QuantizationError, QuantSpec
@@ -50,6 +51,9 @@ class ReportConfig:
 
     def __post_init__(self):
         self.spec_for(torch.float32)  # refuses a bad quant type now, before any model is loaded
+        check_number(self.niter, "--niter", minimum=0)
+        for pattern in self.targets or []:
+            check_regex(pattern, "--targets")
         if not self.ranks or min(self.ranks) < 1:
             raise QuantizationError(f"--ranks must be >= 1, got {self.ranks}")
         if not self.iters:
@@ -92,6 +96,7 @@ def short_names(types: Iterable[str]) -> dict[str, str]:
 
 def measure_layer(W: torch.Tensor, name: str, config: ReportConfig) -> list[dict]:
     """Error rows of one weight W (out, in): QLoRA once, then LoftQ and QPiSSA per rank and T."""
+    check_weight(W.detach(), 1, f"{name}.weight")  # NaN/Inf: name the tensor before any SVD fails on it
     W32 = W.detach().to(torch.float32)  # (out, in)
     spec = config.spec_for(W.dtype)
     base_E = qlora_iterate(W32, 1, spec).error(W32)  # (out, in) = W - nf4(W)
@@ -239,6 +244,15 @@ def model_weights(model: str, dtype: str = "auto", targets: list[str] | None = N
     return {n: kind_of(m).to_matrix(m.weight).detach() for n, m in modules.items()}, path
 
 
+def check_ranks_fit(ranks: list[int], weights: dict[str, torch.Tensor]) -> None:
+    """A rank above a layer's min(out, in) is skipped for that layer; a rank that fits no layer is refused."""
+    largest = max(min(W.shape) for W in weights.values())
+    too_big = [r for r in ranks if r > largest]
+    if too_big:
+        raise PissaError(f"--ranks {', '.join(map(str, too_big))}: larger than every measured layer (the largest "
+                         f"allows rank {largest}); choose ranks <= {largest}")
+
+
 def run_quant_report(model: str, config: ReportConfig, out: str | Path, overwrite: bool = False,
                      dtype: str = "auto", trust_remote_code: bool = False,
                      progress: Callable[[int, int, str], None] | None = None,
@@ -248,12 +262,16 @@ def run_quant_report(model: str, config: ReportConfig, out: str | Path, overwrit
     Returns (per-layer rows, written files, the report's title)."""
     from ..io.atomic import atomic_output_dir, check_output_dir
 
-    out = check_output_dir(out, overwrite)  # before the (slow) load
+    out = check_output_dir(out, overwrite, inputs=[model])  # before the (slow) load
     weights, path = model_weights(model, dtype, config.targets, trust_remote_code)
+    check_ranks_fit(config.ranks, weights)
     rows = measure(weights.items(), config, total=len(weights), progress=progress)
     spec = config.spec_for(next(iter(weights.values())).dtype)
     svd = "exact SVD" if config.niter is None else f"randomized SVD, niter={config.niter}"
     title = f"{model}: {spec.quant_type}{' + double quant' if spec.double_quant else ''} from {spec.dtype}, {svd}"
     with atomic_output_dir(out, overwrite) as tmp:
-        files = write_quant_report(tmp, rows, title, {"model": path, "layers": len(weights)})
+        skipped = {r: sum(r > min(W.shape) for W in weights.values()) for r in config.ranks}
+        extra = {"model": path, "layers": len(weights),
+                 **{f"rank {r}": f"skipped on {n} layers smaller than it" for r, n in skipped.items() if n}}
+        files = write_quant_report(tmp, rows, title, extra)
     return rows, {name: out / p.name for name, p in files.items()}, title

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PissaError
-from ..io.atomic import atomic_output_dir
+from ..io.atomic import atomic_output_dir, check_output_dir
 from ..io.jsonfile import read_json as read_json_file
 from ..io.jsonfile import read_jsonl
 from ..layout import EVAL_FILE, LOG_JSONL, PREDICTIONS_FILE, RUN_EVAL_DIR, SUMMARY_FILE
@@ -135,7 +135,7 @@ def write_run_report(
     `extra_files` {name: path} are copied into OUT (e.g. PNGs those sections link to);
     `source` replaces the line that lists the run folders.
     """
-    out = Path(out)
+    out = check_output_dir(out, overwrite, inputs=[run.path for run in runs])
     evals = eval_rows(runs)
     with atomic_output_dir(out, overwrite) as tmp:
         source = source or "from: " + ", ".join(f"`{run.path}`" for run in runs)

@@ -5,17 +5,39 @@ decay, alpha = r, dropout 0, adapters on every linear layer, fp32 adapters."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..errors import PissaError
+from ..errors import PissaError, check_number
 from .methods import TRAIN_METHODS, get_train_method
 
 # Fields that may change between a run and its --resume without changing the run itself.
 RESUME_FREE = {"resume", "overwrite", "convert_at_end", "tensorboard"}
 STAGES = ("sft", "dpo")
 DPO_BETA = 0.1
+# Fields that shape the adapter initialised from --model; an --init folder brings its own.
+INIT_FROM_MODEL = ("rank", "alpha", "targets", "niter", "quant_type", "quant_iters")
+DEFAULT_RANK, DEFAULT_QUANT_TYPE, DEFAULT_QUANT_ITERS = 16, "nf4", 5
+
+
+def schedulers() -> list[str]:
+    """transformers' learning-rate schedule names, so a typo is refused before anything is loaded."""
+    from transformers import SchedulerType
+
+    return [s.value for s in SchedulerType]
+
+
+def absolute_if_local(spec: str | None) -> str | None:
+    """A path that exists here, made absolute (the run then works from any directory); a hub id, an embedded
+    name or `arith` unchanged."""
+    if spec is None or not Path(spec).expanduser().exists():
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass
@@ -55,17 +77,18 @@ class TrainConfig:
         "help": "sft: each batch as one row with no padding (TRL padding-free; sdpa/flash attention)."})
     beta: float | None = field(default=None, metadata={
         "help": "dpo: how far the policy may move from the reference (DPO's beta; default 0.1)."})
-    rank: int = field(default=16, metadata={"flags": ("-r",),
-                                            "help": "Adapter rank r (--model only; --init keeps its rank)."})
+    rank: int | None = field(default=None, metadata={"flags": ("-r",), "help": (
+        f"Adapter rank r (--model only, default {DEFAULT_RANK}; --init keeps its rank).")})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; default alpha = r (paper)."})
     targets: list[str] | None = field(default=None, metadata={
         "flags": ("-t",), "help": "Module names to adapt; default every linear layer except the output head."})
     niter: int | None = field(default=None, metadata={
         "help": "pissa: randomized-SVD power iterations (fast init); omit for the exact SVD."})
-    quant_type: str = field(default="nf4", metadata={
-        "help": "qlora/qpissa/loftq: 4-bit type of the base, nf4 or fp4."})
-    quant_iters: int = field(default=5, metadata={
-        "help": "qpissa/loftq: alternating SVD/quantization steps T (report's Algorithm 1; 1 = one step)."})
+    quant_type: str | None = field(default=None, metadata={
+        "help": f"qlora/qpissa/loftq with --model: 4-bit type of the base, nf4 or fp4 (default {DEFAULT_QUANT_TYPE})."})
+    quant_iters: int | None = field(default=None, metadata={
+        "help": "qpissa/loftq with --model: alternating SVD/quantization steps T (report's Algorithm 1; 1 = one "
+                f"step; default {DEFAULT_QUANT_ITERS})."})
     lr: float = field(default=2e-5, metadata={"help": "Peak learning rate (paper: 2e-5)."})
     scheduler: str = field(default="cosine", metadata={"help": "LR schedule (any transformers name)."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps of linear warmup."})
@@ -104,22 +127,36 @@ class TrainConfig:
         if self.train_singular_values and self.dora:
             raise PissaError("--train-singular-values and --dora cannot be combined (PEFT's AdaLoRA layout has no "
                              "DoRA magnitude); drop one of them")
-        if self.orth_reg_weight < 0:
-            raise PissaError(f"--orth-reg-weight must be >= 0, got {self.orth_reg_weight}")
-        for name in ("batch_size", "grad_accum", "rank"):
-            if getattr(self, name) <= 0:
-                raise PissaError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if not math.isfinite(self.lr) or self.lr <= 0:
-            raise PissaError(f"--lr must be a finite number > 0, got {self.lr}")
-        if self.limit is not None and self.limit <= 0:
-            raise PissaError(f"--limit must be a positive number of records, got {self.limit}")
-        if self.max_length < 2:
-            raise PissaError(f"--max-length must be at least 2 tokens, got {self.max_length}")
+        self.init, self.model, self.data = (absolute_if_local(p) for p in (self.init, self.model, self.data))
+        self._check_numbers()
+        self._check_init_options()
         self._check_stage()
-        if not 0 <= self.warmup_ratio < 1:
-            raise PissaError(f"--warmup-ratio is a fraction of the steps in [0, 1), got {self.warmup_ratio}")
+        if self.scheduler not in schedulers():
+            raise PissaError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(schedulers())}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
             raise PissaError("nothing to train: give --max-steps > 0 or --epochs > 0")
+
+    def _check_numbers(self) -> None:
+        """Every number finite and in range, named by its flag, before anything is loaded or written."""
+        for name in ("batch_size", "grad_accum", "rank", "limit", "save_total_limit", "quant_iters"):
+            check_number(getattr(self, name), flag_name(name), minimum=1)
+        for name in ("orth_reg_weight", "weight_decay", "max_grad_norm", "save_steps", "niter"):
+            check_number(getattr(self, name), flag_name(name), minimum=0)
+        check_number(self.lr, "--lr", above=0)
+        check_number(self.alpha, "--alpha", above=0)
+        check_number(self.epochs, "--epochs")
+        check_number(self.warmup_ratio, "--warmup-ratio", minimum=0, below=1)
+        check_number(self.max_length, "--max-length", minimum=2)
+
+    def _check_init_options(self) -> None:
+        """With --init the adapter exists already: options that shape a new one would be silently ignored."""
+        if self.init is None:
+            return
+        given = [flag_name(name) for name in INIT_FROM_MODEL if getattr(self, name) is not None]
+        if given:
+            raise PissaError(f"{', '.join(given)}: options for a new adapter, but --init {self.init} already holds "
+                             "one (its rank, targets and quantization come from that folder); drop them, or re-run "
+                             "`pissa init` with them")
 
     def _check_stage(self) -> None:
         if self.stage not in STAGES:
@@ -129,8 +166,7 @@ class TrainConfig:
                              "drop them")
         if self.beta is not None and self.stage != "dpo":
             raise PissaError("--beta is DPO's; it applies to --stage dpo only")
-        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
-            raise PissaError(f"--beta must be a finite number > 0, got {self.beta}")
+        check_number(self.beta, "--beta", above=0)
 
     @property
     def dpo_beta(self) -> float:

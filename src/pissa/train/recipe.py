@@ -32,9 +32,10 @@ import torch
 
 from ..errors import PissaError
 from ..init import ADAPTER_NAME, PissaConfig, init_model
+from ..io.atomic import check_not_overlapping
 from ..io.manifest import read_manifest
 from ..layout import RunDir
-from .config import RESUME_FREE, TrainConfig
+from .config import DEFAULT_QUANT_ITERS, DEFAULT_QUANT_TYPE, DEFAULT_RANK, RESUME_FREE, TrainConfig
 from .methods import TrainMethod, get_train_method, method_of_init
 from .save import RunWriter
 
@@ -87,6 +88,7 @@ class TrainRecipe:
         try:
             torch.manual_seed(self.config.seed)
             self.model = self._load_model()
+            self._check_convertible()
             self.trainer = self._trainer()
         except BaseException:
             if fresh and state.is_main_process:
@@ -104,14 +106,19 @@ class TrainRecipe:
 
     def _check_out(self) -> None:
         c, out = self.config, self.out
+        check_not_overlapping(out, [c.init, c.model, c.data])  # even --overwrite may not delete an input
         if c.resume:
             if not self._last_checkpoint():
                 raise PissaError(f"--resume: {out} has no checkpoint under {self.run_dir.checkpoints.name}/ to "
-                                 "continue from; drop --resume to start a new run")
+                                 "continue from (it stopped before its first --save-steps); pass --overwrite "
+                                 "instead of --resume to start it again")
             self._check_same_config()
         elif out.exists() and not c.overwrite:
-            raise PissaError(f"run folder {out} already exists; pass --resume to continue it, --overwrite to "
-                             "replace it, or choose another --out")
+            if self._last_checkpoint():
+                raise PissaError(f"run folder {out} already exists; pass --resume to continue it from its last "
+                                 "checkpoint, --overwrite to replace it, or choose another --out")
+            raise PissaError(f"run folder {out} already exists and holds no checkpoint to resume from; pass "
+                             "--overwrite to replace it, or choose another --out")
 
     def _check_same_config(self) -> None:
         import yaml
@@ -180,6 +187,21 @@ class TrainRecipe:
         self.initial_config = peft_model.peft_config[ADAPTER_NAME]
         return self._with_singular_values(peft_model)
 
+    def _check_convertible(self) -> None:
+        """--convert-at-end: convert the step-0 adapter now (in memory), so that what the conversion after the
+        last step would refuse is refused before the first."""
+        if not self.config.convert_at_end:
+            return
+        from ..convert import InitSource, check_convertible, read_init_source
+
+        if self.config.init is not None:
+            init = read_init_source(self.config.init)
+        elif self.initial_adapter:
+            init = InitSource.in_memory(config_dict(self.initial_config), self.initial_adapter, self.model_path)
+        else:  # a quantized method with --model wrote RUN/init before loading
+            init = read_init_source(self.run_dir.init.root)
+        check_convertible(config_dict(self.model.peft_config[ADAPTER_NAME]), adapter_state(self.model), init)
+
     def _with_singular_values(self, peft_model):
         """With --train-singular-values, the PiSSA adapter re-expressed as B·diag(S)·A (train.singular_values)."""
         if not self.config.train_singular_values:
@@ -214,10 +236,10 @@ class TrainRecipe:
         """The init of this run's adapter (--model), as `pissa init` would be given it."""
         c, method = self.config, self.method
         options = {"niter": c.niter} if c.niter is not None and method.init == "pissa" else {}
-        quant = {"quantize": c.quant_type, "quant_iters": c.quant_iters, "quant_fit": method.quant_fit} \
-            if method.quantized else {}
-        return PissaConfig(rank=c.rank, alpha=c.alpha, method=method.init, options=options, targets=c.targets,
-                           seed=c.seed, **quant)
+        quant = {"quantize": c.quant_type or DEFAULT_QUANT_TYPE, "quant_iters": c.quant_iters or DEFAULT_QUANT_ITERS,
+                 "quant_fit": method.quant_fit} if method.quantized else {}
+        return PissaConfig(rank=c.rank or DEFAULT_RANK, alpha=c.alpha, method=method.init, options=options,
+                           targets=c.targets, seed=c.seed, **quant)
 
     def _load_data(self):
         c = self.config
@@ -279,6 +301,13 @@ def adapter_state(peft_model) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def config_dict(peft_config) -> dict:
+    """A PEFT config as its adapter_config.json would hold it (sets as sorted lists)."""
+    import json
+
+    return json.loads(json.dumps(peft_config.to_dict(), default=sorted))
 
 
 def check_quant_available(method: str) -> None:

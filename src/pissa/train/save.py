@@ -5,15 +5,17 @@ trained weights (adapter/ or model/), the residual and initial adapter an on-the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 from ..init import ADAPTER_NAME, residual_state_dict
 from ..io.adapter_files import read_adapter_config, write_adapter
 from ..io.atomic import atomic_output_dir
-from ..io.manifest import build_manifest, write_manifest
+from ..io.manifest import build_manifest, read_manifest, write_manifest
 from ..layout import ADAPTER_DIR, RUN_MODEL_DIR, InitDir
 from ..plots import plot_loss
+from .config import DEFAULT_RANK
 from .log import read_log
 
 
@@ -34,7 +36,17 @@ class RunWriter:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         header = f"# {self.config.command()}\n# resolved config of this run; add --resume to continue it\n"
-        self.run.config.write_text(header + yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        record = {**self.config.to_dict(), "resolved": self.resolved()}
+        self.run.config.write_text(header + yaml.safe_dump(record, sort_keys=False))
+
+    def resolved(self) -> dict:
+        """What the options resolved to (the method an --init trains as, its ranks), and where the inputs are
+        relative to the run folder, so `pissa eval RUN` finds them after the project folder moves."""
+        c, method = self.config, self.recipe.method
+        ranks = sorted(read_manifest(c.init)["summary"]["ranks"]) if c.init else [c.rank or DEFAULT_RANK]
+        relative = {name: os.path.relpath(getattr(c, name), self.run.root.resolve())
+                    for name in ("init", "model", "data") if getattr(c, name) and Path(getattr(c, name)).is_absolute()}
+        return {"method": method.name, "ranks": ranks if method.adapter else None, "run_relative": relative}
 
     def save(self) -> dict:
         """Write the trained weights, the loss curve and summary.json; returns the summary."""
