@@ -107,7 +107,8 @@ def compare(lora: list[float], pissa: list[float], first: int) -> dict:
 
 def step_time_ratio(args) -> dict:
     """PiSSA/LoRA time of one optimizer step, the two models' steps interleaved on the same batch."""
-    from pissa.data.tokens import PadCollator, build_dataset, pad_id
+    from pissa.data.formats import load_examples
+    from pissa.data.tokens import PadCollator, encode, pad_id
     from pissa.init import PissaConfig, init_model
     from pissa.models import load_model
 
@@ -117,7 +118,8 @@ def step_time_ratio(args) -> dict:
         init = "lora-kaiming" if method == "lora" else "pissa"
         options = {"niter": args.niter} if method == "pissa" and args.niter is not None else {}
         models[method], _ = init_model(base, PissaConfig(rank=args.rank, method=init, options=options))
-    features = build_dataset("arith", tokenizer, args.max_length, limit=args.batch_size).features
+    examples, _, _ = load_examples("arith", limit=args.batch_size)  # the tokens `pissa train` trains on
+    features = [f for f in (encode(tokenizer, ex, args.max_length) for ex in examples) if f is not None]
     batch = PadCollator(pad_id(tokenizer))(features)
     optims = {m: torch.optim.AdamW([p for p in models[m].parameters() if p.requires_grad], lr=1e-5) for m in METHODS}
     times = {m: [] for m in METHODS}

@@ -3,7 +3,7 @@
 The public API, imported on first use so that `import pissa` (and the CLI's --help) stays light:
 
     from pissa import PissaConfig, init_model, run_init           # initialise (in memory, or a checkpoint)
-    from pissa import TrainConfig, SFTRecipe                      # train
+    from pissa import TrainConfig, TrainRecipe                    # train (SFT or DPO, on TRL)
     from pissa import EvalConfig, run_eval                        # evaluate
     from pissa import convert_to_lora, merge_adapter              # convert to a LoRA for the original model, merge
     from pissa import decompose                                   # the per-matrix math
@@ -24,6 +24,7 @@ _API = {
     "run_init": "pissa.init",
     "InitResult": "pissa.init",
     "TrainConfig": "pissa.train",
+    "TrainRecipe": "pissa.train",
     "SFTRecipe": "pissa.train",
     "EvalConfig": "pissa.eval",
     "run_eval": "pissa.eval",

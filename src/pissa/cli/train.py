@@ -1,4 +1,4 @@
-"""`pissa train`: supervised fine-tuning (loss on response tokens) with full FT, LoRA or PiSSA adapters."""
+"""`pissa train`: supervised fine-tuning (loss on the answers) or DPO, with full FT, LoRA or PiSSA adapters."""
 
 from __future__ import annotations
 
@@ -12,21 +12,29 @@ from .options import config_command
 
 @config_command(app, "train", {"config": (TrainConfig, ())})
 def train_command(config: TrainConfig):
-    """Fine-tune with the loss on response tokens only; paper defaults (AdamW, lr 2e-5, cosine, warmup 0.03).
+    """Fine-tune on TRL. --stage sft: the loss on the answers only (every
+    assistant turn of a chat). --stage dpo: preference tuning against the model
+    before training. Paper defaults (AdamW, lr 2e-5, cosine, warmup 0.03).
 
     Examples:
 
     \b
       pissa train --model smollm2-135m --method pissa --rank 16 --max-steps 200 --out runs/pissa
       pissa init smollm2-135m --rank 16 --out out/smol-r16 && pissa train --init out/smol-r16 --out runs/from-init
-      pissa train --model smollm2-135m --method lora --lr 2e-4 --data my.jsonl --epochs 3 --out runs/lora
+      pissa train --model smollm2-135m --method lora --lr 2e-4 --data chats.jsonl --epochs 3 --out runs/lora
+      pissa train --init out/smol-r16 --data chats.jsonl --packing --max-length 2048 --out runs/packed
+      pissa train --init out/smol-r16 --stage dpo --data prefs.jsonl --beta 0.1 --lr 5e-6 --out runs/dpo
       pissa train --model smollm2-135m --method pissa --train-singular-values --max-steps 200 --out runs/pissa-sv
       accelerate launch --multi_gpu --num_processes 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp
       torchrun --nproc_per_node 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp-cpu   # CPU, gloo
       pissa train --model smollm2-135m --method pissa --max-steps 200 --save-steps 50 --out runs/pissa --resume
 
-    The bundled `arith` dataset (the default --data) is synthetic: generated grade-school arithmetic
-    word problems, for demos and tests.
+    Data (a .json/.jsonl file; the format is read from the first record):
+    chat `messages`, ShareGPT `conversations`, prompt/completion, Alpaca,
+    MetaMathQA, GSM8K question/answer, MATH, `text`; dpo: prompt/chosen/rejected.
+    The bundled `arith` set (the default --data) is synthetic: generated
+    arithmetic word problems, for demos and tests (dpo: the right answer is
+    chosen, a wrong final answer rejected).
     """
     from ..train import SFTRecipe
 
@@ -48,11 +56,15 @@ def summary_rows(summary: dict, out: Path) -> list[tuple[str, str]]:
         return "-" if x is None else format(x, spec)
 
     rows = [
-        ("method", summary["method"]),
-        ("data", f"{summary['examples']:,} examples ({summary['data_format']}), "
+        ("method", f"{summary['method']} ({summary['stage']})"),
+        ("data", f"{summary['examples']:,} examples ({summary['data_format']}: {summary['data_layout']}), "
                  f"{summary['dropped_too_long']} dropped as too long"),
         ("steps", str(summary["steps"])),
         ("loss first -> last", f"{fmt(summary['first_loss'], '.4f')} -> {fmt(summary['final_loss'], '.4f')}"),
+        *([("loss tokens", f"{summary['loss_tokens']:,}")] if summary.get("loss_tokens") is not None else []),
+        *([("reward margin first -> last",
+            f"{fmt(summary['first_margin'], '.4f')} -> {fmt(summary['final_margin'], '.4f')}")]
+          if summary["stage"] == "dpo" else []),
         ("trainable params", f"{summary['trainable_params']:,}"),
         ("tokens/s (median step)", fmt(summary["tokens_per_s_median"], ",.0f")),
         ("wall time", f"{summary['train_seconds']:.1f} s"),

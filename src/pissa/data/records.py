@@ -1,49 +1,28 @@
-"""SFT data records: read a file, the bundled `arith` set or a hub dataset, and turn each record into
-an Example (prompt turns + the response to learn).
+"""Reading data records: a local file, the bundled `arith` set, or a Hugging Face dataset.
 
-Formats (detected from the first record; every record must then have the same fields):
-- Alpaca:      {"instruction", "input" (optional), "output"}
-- MetaMathQA:  {"query", "response"}
-- chat:        {"messages": [{"role", "content"}, ...]}; the last message is the assistant's answer
+Sources:
+- a `.jsonl` file (one JSON object per line), a `.json` file holding a list of records, or a `.json`
+  file holding one (possibly pretty-printed) object, which is one record. UTF-8, with or without a
+  byte-order mark; anything else is refused with the file and line;
+- the bundled synthetic set `arith` (`arith`, `arith:train`, `arith:test`, see `pissa.data.synthetic`);
+- a Hugging Face dataset name, `NAME[@CONFIG][:SPLIT]` (network needed).
 
-Sources: a .json (a list of records) or .jsonl file, the bundled synthetic set `arith`
-(`arith`, `arith:train`, `arith:test`, see `pissa.data.synthetic`), or a Hugging Face dataset name
-(needs the `datasets` package and network; `NAME` or `NAME:SPLIT`).
+Every record comes with `where` (file and line, item or row) so errors can name it. What a record
+means (its format) is `pissa.data.formats`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PissaError
 from . import synthetic
 
-FORMATS = {  # format -> (required fields, optional fields)
-    "alpaca": (("instruction", "output"), ("input",)),
-    "metamath": (("query", "response"), ()),
-    "chat": (("messages",), ()),
-}
-ALPACA_HEADER = ("Below is an instruction that describes a task{ctx}. "
-                 "Write a response that appropriately completes the request.\n\n")
-ALPACA_PROMPT = ALPACA_HEADER.format(ctx="") + "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_INPUT = (ALPACA_HEADER.format(ctx=", paired with an input that provides further context")
-                       + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+Located = tuple[dict, str]  # (record, where)
 
 
-@dataclass
-class Example:
-    """One training pair: prompt turns (chat messages) and the response to learn."""
-
-    prompt: list[dict]
-    response: str
-    alpaca_input: str = ""  # kept apart so the Alpaca prompt can show its `### Input:` section
-
-
-# --- reading -------------------------------------------------------------------------------------
-
-def read_records(spec: str | Path) -> tuple[list[tuple[dict, str]], str]:
+def read_records(spec: str | Path) -> tuple[list[Located], str]:
     """(record, where) pairs and a source label; `where` names the file and line for errors."""
     spec = str(spec)
     name, _, split = spec.partition(":")
@@ -52,30 +31,74 @@ def read_records(spec: str | Path) -> tuple[list[tuple[dict, str]], str]:
         return [(r, f"{spec} item {i}") for i, r in enumerate(records, 1)], spec
     path = Path(spec).expanduser()
     if path.suffix in (".json", ".jsonl") or path.exists():
-        return _read_file(path), str(path)
+        return read_file(path), str(path)
     return _read_hub(spec), spec
 
 
-def _read_file(path: Path) -> list[tuple[dict, str]]:
+def load_records(spec: str | Path, limit: int | None = None) -> tuple[list[Located], str]:
+    """`read_records`, the first `limit` only; refuses a bad limit and an empty dataset."""
+    if limit is not None and limit <= 0:
+        raise PissaError(f"--limit must be a positive number of records, got {limit}")
+    pairs, source = read_records(spec)
+    pairs = pairs[:limit] if limit is not None else pairs
+    if not pairs:
+        raise PissaError(f"dataset {source} is empty; it must hold at least one record")
+    return pairs, source
+
+
+def decode_text(path: Path) -> str:
+    """The file's text: UTF-8 with or without a byte-order mark; anything else names the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PissaError(f"{path} line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
+                         "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
+def read_file(path: Path) -> list[Located]:
     if not path.is_file():
-        raise PissaError(f"data file {path} does not exist; give a .json/.jsonl file, `arith`, or a hub dataset name")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        return [(_parse_line(line, path, i), f"{path} line {i}")
-                for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PissaError(f"{path} is not valid JSON ({e}); a .json file must hold a list of records") from e
-    return [(_check_object(r, f"{path} item {i}"), f"{path} item {i}") for i, r in enumerate(items, 1)]
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise PissaError(f"data file {path} {what}; give a .json/.jsonl file, `arith`, or a hub dataset name")
+    text = decode_text(path)
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        items = _parse_document(text, path, "a .json file must hold a list of records or one record")
+        return [(_check_object(r, f"{path} item {i}"), f"{path} item {i}") for i, r in enumerate(items, 1)]
+    if path.suffix == ".json" and stripped.startswith("{"):
+        return [(_parse_document(text, path, "a .json file must hold a list of records or one record"),
+                 f"{path} (its one record)")]
+    return _read_lines(text, path)
 
 
-def _parse_line(line: str, path: Path, lineno: int) -> dict:
+def _read_lines(text: str, path: Path) -> list[Located]:
+    """JSON Lines; a file whose first line is not JSON but which is one JSON object is that one record."""
+    pairs = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append((_check_object(json.loads(line), f"{path} line {i}"), f"{path} line {i}"))
+        except json.JSONDecodeError as e:
+            if not pairs:  # maybe one pretty-printed object
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError:
+                    pass
+                else:
+                    return [(_check_object(record, f"{path}"), f"{path} (its one record)")]
+            raise PissaError(f"{path} line {i} is not valid JSON ({e.msg}, column {e.colno}); each line must be "
+                             "one JSON object") from None
+    return pairs
+
+
+def _parse_document(text: str, path: Path, expected: str):
     try:
-        record = json.loads(line)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise PissaError(f"{path} line {lineno} is not valid JSON ({e.msg}); each line must be one JSON object") from e
-    return _check_object(record, f"{path} line {lineno}")
+        raise PissaError(f"{path} line {e.lineno} is not valid JSON ({e.msg}, column {e.colno}); {expected}") \
+            from None
 
 
 def _check_object(record, where: str) -> dict:
@@ -84,7 +107,7 @@ def _check_object(record, where: str) -> dict:
     return record
 
 
-def _read_hub(spec: str) -> list[tuple[dict, str]]:
+def _read_hub(spec: str) -> list[Located]:
     try:
         import datasets
     except ImportError as e:
@@ -99,62 +122,3 @@ def _read_hub(spec: str) -> list[tuple[dict, str]]:
     except Exception as e:  # datasets raises many kinds (connection, not found, bad split)
         raise PissaError(f"could not load Hugging Face dataset {spec!r}: {e.__class__.__name__}: {e}") from e
     return [(dict(r), f"{spec} row {i}") for i, r in enumerate(rows, 1)]
-
-
-# --- records -> examples -------------------------------------------------------------------------
-
-def detect_format(record: dict, where: str) -> str:
-    for fmt, (required, _) in FORMATS.items():
-        if any(f in record for f in required):
-            return fmt
-    expected = "; ".join(f"{fmt}: {', '.join(req)}" for fmt, (req, _) in FORMATS.items())
-    raise PissaError(f"{where}: unknown record format, fields are {sorted(record)}; expected one of ({expected})")
-
-
-def to_example(record: dict, fmt: str, where: str) -> Example:
-    """One record of format `fmt` as an Example; a missing or non-text field is named with its line."""
-    required, _ = FORMATS[fmt]
-    for f in required:
-        if f not in record or record[f] is None:
-            raise PissaError(f"{where}: missing field {f!r} ({fmt} format needs {', '.join(required)}); "
-                             "fix or remove that record")
-    if fmt == "chat":
-        return _chat_example(record["messages"], where)
-    prompt_field, response_field = required[0], required[1]
-    for f in (*required, *FORMATS[fmt][1]):
-        if f in record and record[f] is not None and not isinstance(record[f], str):
-            raise PissaError(f"{where}: field {f!r} must be a string, got {type(record[f]).__name__}")
-    if not record[response_field].strip():
-        raise PissaError(f"{where}: field {response_field!r} is empty; there is nothing to learn from this record")
-    extra = (record.get("input") or "") if fmt == "alpaca" else ""
-    content = record[prompt_field] + (f"\n\n{extra}" if extra else "")
-    return Example(prompt=[{"role": "user", "content": content}], response=record[response_field],
-                   alpaca_input=extra)
-
-
-def _chat_example(messages, where: str) -> Example:
-    if not isinstance(messages, list) or not messages:
-        raise PissaError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise PissaError(f"{where}: messages[{i}] is missing field 'role' or 'content'")
-    if messages[-1]["role"] != "assistant":
-        raise PissaError(f"{where}: the last message must have role 'assistant' (the response to learn), "
-                         f"got {messages[-1]['role']!r}")
-    if len(messages) < 2:
-        raise PissaError(f"{where}: 'messages' needs at least one prompt turn before the assistant's answer")
-    return Example(prompt=[dict(role=m["role"], content=m["content"]) for m in messages[:-1]],
-                   response=messages[-1]["content"])
-
-
-def load_examples(spec: str | Path, limit: int | None = None) -> tuple[list[Example], str, str]:
-    """(examples, format, source) from a file, `arith[:split]` or a hub name; refuses an empty dataset."""
-    pairs, source = read_records(spec)
-    if limit is not None:
-        pairs = pairs[:limit]
-    if not pairs:
-        raise PissaError(f"dataset {source} is empty; it must hold at least one record")
-    fmt = detect_format(*pairs[0])
-    return [to_example(r, fmt, where) for r, where in pairs], fmt, source
-
-

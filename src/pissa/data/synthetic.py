@@ -122,3 +122,18 @@ def arith_problems(split: str = "train", n: int | None = None, seed: int = 0) ->
         return _stream("test", seed, n)
     test_queries = {r["query"] for r in _stream("test", seed, DEFAULT_SIZES["test"])}
     return _stream("train", seed, n, exclude=test_queries)
+
+
+def arith_preferences(split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
+    """Preference records {prompt, chosen, rejected} from the same problems: chosen is the correct response,
+    rejected the same reasoning ending in a wrong final answer (off by 1 to 9, seeded), as chat turns."""
+    rng = random.Random(f"{NAME}/preferences/{split}/{seed}")
+    out = []
+    for record in arith_problems(split, n, seed):
+        answer = int(record["answer"])
+        wrong = answer + rng.choice([-1, 1]) * rng.randint(1, 9)
+        steps = record["response"].rsplit("\n", 1)[0]
+        out.append({"prompt": [{"role": "user", "content": record["query"]}],
+                    "chosen": [{"role": "assistant", "content": record["response"]}],
+                    "rejected": [{"role": "assistant", "content": f"{steps}\nThe answer is: {wrong}"}]})
+    return out

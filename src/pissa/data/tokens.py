@@ -1,40 +1,45 @@
-"""SFT tokens: render a prompt, tokenize it with the response, and mask the prompt out of the loss.
+"""Tokens of an Example exactly as TRL's SFTTrainer builds them, for evaluation (prompts for generation,
+prompt + response for perplexity) outside a trainer; `pissa train` itself hands TRL the records
+(`pissa.data.sft`) and `tests/test_data_formats.py` checks that both give the same tokens.
 
-Prompts use the tokenizer's chat template when it has one, otherwise the Alpaca prompt. The
-prompt and the response are tokenized separately and concatenated, so the -100 boundary in
-`labels` is exact: every prompt token is masked and every response token (plus EOS) is kept.
-Examples longer than `max_length` are dropped whole (truncating would cut off the answer).
+- With a chat template, the prompt is the template with the assistant turn opened
+  (`add_generation_prompt`), and prompt + response is the template over the whole conversation: the
+  response tokens then end with the template's end-of-turn text (`<|im_end|>\\n` for ChatML).
+- With no template, the prompt is Alpaca's (or labelled `### Role:` sections for a chat), and the
+  response ends with the tokenizer's EOS; raw text (plain prompt/completion) is used as it is.
+The response starts where prompt and prompt + response tokens first differ (TRL's rule).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..errors import PissaError
-from .records import ALPACA_HEADER, ALPACA_PROMPT, ALPACA_PROMPT_INPUT, Example, load_examples
+from .formats import Example
 
 IGNORE_INDEX = -100
+ALPACA_HEADER = ("Below is an instruction that describes a task{ctx}. "
+                 "Write a response that appropriately completes the request.\n\n")
+ALPACA_PROMPT = ALPACA_HEADER.format(ctx="") + "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_INPUT = (ALPACA_HEADER.format(ctx=", paired with an input that provides further context")
+                       + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
-@dataclass
-class DataStats:
-    source: str
-    format: str
-    records: int
-    kept: int
-    too_long: int
-    max_length: int
-    response_tokens: int
+def is_templated(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
-# --- prompts and tokens --------------------------------------------------------------------------
+def templated_example(tokenizer, example: Example) -> bool:
+    """Whether the example is rendered by the chat template (chat turns and a tokenizer with a template)."""
+    return not example.raw and is_templated(tokenizer)
+
 
 def render_prompt(tokenizer, example: Example) -> str:
-    """The prompt text: the chat template (with the assistant turn opened) or the Alpaca prompt."""
-    if getattr(tokenizer, "chat_template", None):
+    """The prompt text: raw text, the chat template with the assistant turn opened, or the Alpaca prompt."""
+    if example.raw:
+        return example.prompt
+    if is_templated(tokenizer):
         return tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
     if len(example.prompt) == 1 and example.prompt[0]["role"] == "user":
         content = example.prompt[0]["content"]
@@ -42,56 +47,53 @@ def render_prompt(tokenizer, example: Example) -> str:
             instruction = content[: -len(example.alpaca_input) - 2]
             return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=example.alpaca_input)
         return ALPACA_PROMPT.format(instruction=content)
-    # Multi-turn chat with no template: earlier turns shown as labelled sections before the response.
+    # A chat with no template: earlier turns shown as labelled sections before the response.
     turns = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in example.prompt)
     return ALPACA_HEADER.format(ctx="") + turns + "### Response:\n"
 
 
+def with_eos(text: str, tokenizer) -> str:
+    """TRL's rule for untemplated text: append the EOS text unless it is already there."""
+    eos = tokenizer.eos_token
+    return text if not eos or text.endswith(eos) else text + eos
+
+
+def completion_text(tokenizer, example: Example) -> str:
+    """What follows the rendered prompt in an untemplated example: the response text and EOS."""
+    return with_eos(example.response, tokenizer)
+
+
+def prompt_ids(tokenizer, example: Example) -> list[int]:
+    """The prompt's token ids (what generation starts from)."""
+    text = render_prompt(tokenizer, example)
+    # A chat template writes its own specials; untemplated text gets the tokenizer's usual ones (as TRL does).
+    return tokenizer(text, add_special_tokens=not templated_example(tokenizer, example))["input_ids"]
+
+
+def full_ids(tokenizer, example: Example) -> list[int]:
+    """Prompt + response token ids, as TRL tokenizes the whole sequence."""
+    if templated_example(tokenizer, example):
+        turns = example.prompt + example.completion
+        return tokenizer(tokenizer.apply_chat_template(turns, tokenize=False), add_special_tokens=False)["input_ids"]
+    return tokenizer(render_prompt(tokenizer, example) + completion_text(tokenizer, example))["input_ids"]
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def encode(tokenizer, example: Example, max_length: int) -> dict | None:
-    """input_ids and labels (prompt tokens -100); None when the example exceeds max_length."""
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    # A chat template writes its own BOS; the plain Alpaca prompt gets the tokenizer's usual specials.
-    prompt_ids = tokenizer(render_prompt(tokenizer, example), add_special_tokens=not templated)["input_ids"]
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]  # learn to stop
-    ids = prompt_ids + response_ids
+    """input_ids and labels (prompt tokens -100) of prompt + response; None when longer than max_length."""
+    ids = full_ids(tokenizer, example)
     if len(ids) > max_length:
         return None
-    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
-
-
-class SFTDataset(torch.utils.data.Dataset):
-    """Tokenized examples: each item is {input_ids, labels} as lists of ints."""
-
-    def __init__(self, features: list[dict], stats: DataStats):
-        self.features = features
-        self.stats = stats
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.features[i]
-
-
-def build_dataset(spec: str | Path, tokenizer, max_length: int, limit: int | None = None) -> SFTDataset:
-    """Read, render and tokenize `spec`; refuses a dataset where nothing fits in max_length."""
-    if tokenizer is None:
-        raise PissaError("the model folder has no tokenizer; training needs one (save it beside the model)")
-    if max_length < 2:
-        raise PissaError(f"--max-length must be at least 2, got {max_length}")
-    examples, fmt, source = load_examples(spec, limit)
-    encoded = [encode(tokenizer, ex, max_length) for ex in examples]
-    features = [f for f in encoded if f is not None]
-    if not features:
-        shortest = min(len(tokenizer(render_prompt(tokenizer, ex) + ex.response)["input_ids"]) for ex in examples)
-        raise PissaError(f"every example of {source} is longer than --max-length {max_length} tokens (the shortest "
-                         f"has about {shortest + 1}); raise --max-length")
-    stats = DataStats(source=source, format=fmt, records=len(examples), kept=len(features),
-                      too_long=len(examples) - len(features), max_length=max_length,
-                      response_tokens=sum(sum(1 for t in f["labels"] if t != IGNORE_INDEX) for f in features))
-    return SFTDataset(features, stats)
+    start = common_prefix_length(prompt_ids(tokenizer, example), ids)
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * start + ids[start:]}
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Reading, prompt rendering and tokenization come from `pissa.data` (the bundled `arith` set, JSON/
 JSONL files, hub names; chat template or Alpaca prompt), so a model is asked the way it was
-trained. On top of training's formats (Alpaca, MetaMathQA, chat `messages`), evaluation reads
-GSM8K's {question, answer} and MATH's {problem, solution} records. The gold answer is extracted
+trained. Every training format with a question and an answer can be evaluated (`pissa.data.formats`:
+Alpaca, MetaMathQA, GSM8K {question, answer}, MATH {problem, solution}, chats: the last assistant turn is
+the reference, prompt/completion). The gold answer is extracted
 from the first present of `answer`, `solution`, then the response (`#### 72`, `The answer is: 72`,
 `\\boxed{...}`, or the bare answer).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import records, synthetic, tokens
+from ..data import formats, records, synthetic, tokens
 from ..errors import PissaError
 
 # Eval-only record formats: (question field, reference field).
@@ -24,14 +25,15 @@ GOLD_FIELDS = ("answer", "solution")
 @dataclass
 class EvalExample:
     index: int
-    example: records.Example  # prompt turns + reference response
+    example: formats.Example  # prompt turns + reference response
     reference: str  # where the gold answer is extracted from
 
 
 def question_example(question: str, reference: str, index: int = 0) -> EvalExample:
     """An EvalExample from a bare question and its reference answer."""
-    return EvalExample(index, records.Example(prompt=[{"role": "user", "content": question}], response=reference),
-                       reference)
+    example = formats.Example(prompt=[{"role": "user", "content": question}],
+                              completion=[{"role": "assistant", "content": reference}])
+    return EvalExample(index, example, reference)
 
 
 def to_eval_example(index: int, record: dict, where: str) -> EvalExample:
@@ -41,11 +43,12 @@ def to_eval_example(index: int, record: dict, where: str) -> EvalExample:
                 raise PissaError(f"{where} has no answer field {reference_field!r}, so it cannot be scored; "
                                  f"its fields are: {', '.join(record)}")
             return question_example(str(record[question_field]), str(record[reference_field]), index)
-    fmt = records.detect_format(record, where)
-    if fmt != "chat" and records.FORMATS[fmt][0][1] not in record and not any(f in record for f in GOLD_FIELDS):
-        raise PissaError(f"{where} has no answer field ({records.FORMATS[fmt][0][1]!r} or {' / '.join(GOLD_FIELDS)}), "
+    fmt = formats.detect_format(record, where)
+    field = formats.FORMATS[fmt].response_field
+    if field is not None and field not in record and not any(f in record for f in GOLD_FIELDS):
+        raise PissaError(f"{where} has no answer field ({field!r} or {' / '.join(GOLD_FIELDS)}), "
                          f"so it cannot be scored; its fields are: {', '.join(record)}")
-    example = records.to_example(record, fmt, where)
+    example = formats.to_example(record, fmt, where)
     gold = next((record[f] for f in GOLD_FIELDS if record.get(f) is not None), example.response)
     return EvalExample(index, example, str(gold))
 
@@ -64,14 +67,9 @@ def load_eval_examples(spec: str | Path, limit: int | None = None) -> list[EvalE
     return [to_eval_example(i, record, where) for i, (record, where) in enumerate(pairs)]
 
 
-def is_templated(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def encode_prompt(tokenizer, example: EvalExample) -> list[int]:
-    """The prompt's token ids, as `pissa.data.encode` builds them for training."""
-    text = tokens.render_prompt(tokenizer, example.example)
-    return tokenizer(text, add_special_tokens=not is_templated(tokenizer))["input_ids"]
+    """The prompt's token ids, as TRL builds them in training (`pissa.data.tokens`)."""
+    return tokens.prompt_ids(tokenizer, example.example)
 
 
 def encode_with_response(tokenizer, example: EvalExample, max_length: int) -> tuple[list[int], list[int]]:

@@ -1,8 +1,11 @@
-"""Training: `TrainConfig`, training methods as data (`methods`), the SFT recipe on the transformers
-Trainer (`recipe`, `save`), per-step logs (`log`), and PiSSA with trainable singular values."""
+"""Training: `TrainConfig`, training methods as data (`methods`), the recipe on TRL (`recipe`: SFT or DPO,
+`trainers`: what pissa adds to TRL's trainers, `save`), per-step logs (`log`), and PiSSA with trainable
+singular values."""
 
 from .config import TrainConfig
 from .methods import TRAIN_METHODS, TrainMethod, get_train_method
-from .recipe import SFTRecipe
+from .recipe import TrainRecipe
 
-__all__ = ["TRAIN_METHODS", "SFTRecipe", "TrainConfig", "TrainMethod", "get_train_method"]
+SFTRecipe = TrainRecipe  # the recipe's name before --stage dpo; both stages run through it
+
+__all__ = ["TRAIN_METHODS", "SFTRecipe", "TrainConfig", "TrainMethod", "TrainRecipe", "get_train_method"]

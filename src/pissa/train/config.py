@@ -14,6 +14,8 @@ from .methods import TRAIN_METHODS, get_train_method
 
 # Fields that may change between a run and its --resume without changing the run itself.
 RESUME_FREE = {"resume", "overwrite", "convert_at_end", "tensorboard"}
+STAGES = ("sft", "dpo")
+DPO_BETA = 0.1
 # Fields that shape the adapter initialised from --model; an --init folder brings its own.
 INIT_FROM_MODEL = ("rank", "alpha", "targets", "niter", "quant_type", "quant_iters")
 DEFAULT_RANK, DEFAULT_QUANT_TYPE, DEFAULT_QUANT_ITERS = 16, "nf4", 5
@@ -57,13 +59,24 @@ class TrainConfig:
                 "orthogonality regulariser; saved as a stock PEFT AdaLoRA adapter."})
     orth_reg_weight: float = field(default=0.1, metadata={
         "help": "--train-singular-values: weight of the regulariser ‖AAᵀ−I‖ + ‖BᵀB−I‖ added to the loss."})
+    stage: str = field(default="sft", metadata={
+        "help": "sft: supervised, the loss on the answers only (TRL SFTTrainer); dpo: preference tuning on "
+                "prompt/chosen/rejected records against the model before training (TRL DPOTrainer)."})
     data: str = field(default="arith", metadata={
         "flags": ("-d",),
-        "help": "A .json/.jsonl file (Alpaca, MetaMathQA or chat `messages`), `arith[:split]` (bundled, "
-                "synthetic), or a Hugging Face dataset NAME[@CONFIG][:SPLIT], e.g. openai/gsm8k@main:train "
-                "(needs `datasets` and network)."})
+        "help": "A .json/.jsonl file (sft: chat `messages`, ShareGPT `conversations`, prompt/completion, Alpaca, "
+                "MetaMathQA, GSM8K question/answer, MATH, `text`; dpo: prompt/chosen/rejected), `arith[:split]` "
+                "(bundled, synthetic), or a Hugging Face dataset NAME[@CONFIG][:SPLIT], e.g. "
+                "openai/gsm8k@main:train (network needed)."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N records."})
     max_length: int = field(default=512, metadata={"help": "Drop examples longer than this many tokens."})
+    packing: bool = field(default=False, metadata={
+        "help": "sft: pack examples into rows of --max-length tokens (TRL best-fit packing, padding-free: no "
+                "attention across examples)."})
+    padding_free: bool = field(default=False, metadata={
+        "help": "sft: each batch as one row with no padding (TRL padding-free; sdpa/flash attention)."})
+    beta: float | None = field(default=None, metadata={
+        "help": "dpo: how far the policy may move from the reference (DPO's beta; default 0.1)."})
     rank: int | None = field(default=None, metadata={"flags": ("-r",), "help": (
         f"Adapter rank r (--model only, default {DEFAULT_RANK}; --init keeps its rank).")})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; default alpha = r (paper)."})
@@ -118,6 +131,7 @@ class TrainConfig:
         self.init, self.model, self.data = (absolute_if_local(p) for p in (self.init, self.model, self.data))
         self._check_numbers()
         self._check_init_options()
+        self._check_stage()
         if self.scheduler not in schedulers():
             raise PissaError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(schedulers())}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
@@ -144,6 +158,20 @@ class TrainConfig:
             raise PissaError(f"{', '.join(given)}: options for a new adapter, but --init {self.init} already holds "
                              "one (its rank, targets and quantization come from that folder); drop them, or re-run "
                              "`pissa init` with them")
+
+    def _check_stage(self) -> None:
+        if self.stage not in STAGES:
+            raise PissaError(f"unknown --stage {self.stage!r}; choose one of: {', '.join(STAGES)}")
+        if self.stage == "dpo" and (self.packing or self.padding_free):
+            raise PissaError("--packing and --padding-free apply to --stage sft (TRL's DPOTrainer pads its batches); "
+                             "drop them")
+        if self.beta is not None and self.stage != "dpo":
+            raise PissaError("--beta is DPO's; it applies to --stage dpo only")
+        check_number(self.beta, "--beta", above=0)
+
+    @property
+    def dpo_beta(self) -> float:
+        return DPO_BETA if self.beta is None else self.beta
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,6 +20,8 @@ from ..io.jsonfile import read_jsonl
 from ..layout import LOG_CSV, LOG_JSONL, TENSORBOARD_DIR
 
 FIELDS = ["step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "step_s", "epoch"]
+# Extra columns per stage: column -> the key TRL logs it under.
+STAGE_FIELDS = {"sft": {}, "dpo": {"margin": "rewards/margins", "reward_accuracy": "rewards/accuracies"}}
 
 
 def read_log(run: str | Path) -> list[dict]:
@@ -28,20 +30,23 @@ def read_log(run: str | Path) -> list[dict]:
     return read_jsonl(path) if path.exists() else []
 
 
-def _rewrite(run: Path, records: list[dict]) -> None:
+def _rewrite(run: Path, records: list[dict], fields: list[str]) -> None:
     (run / LOG_JSONL).write_text("".join(json.dumps(r) + "\n" for r in records))
     with open(run / LOG_CSV, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(records)
 
 
 class MetricsLogger(TrainerCallback):
-    """Writes {step, loss, grad_norm, lr, tokens, tokens_per_s, step_s, epoch} for every logged step."""
+    """Writes {step, loss, grad_norm, lr, tokens, tokens_per_s, step_s, epoch} for every logged step, and for
+    DPO the reward margin (chosen minus rejected) and accuracy (share of pairs with a positive margin)."""
 
-    def __init__(self, run: str | Path, tensorboard: bool = True):
+    def __init__(self, run: str | Path, tensorboard: bool = True, stage: str = "sft"):
         self.run = Path(run)
         self.tensorboard = tensorboard
+        self.extra = STAGE_FIELDS[stage]
+        self.fields = FIELDS + list(self.extra)
         self.writer = None
         self.last_time = self.last_tokens = None
 
@@ -50,7 +55,7 @@ class MetricsLogger(TrainerCallback):
             return
         self.run.mkdir(parents=True, exist_ok=True)
         # Resumed runs: keep only the steps the checkpoint actually reached.
-        _rewrite(self.run, [r for r in read_log(self.run) if r["step"] <= state.global_step])
+        _rewrite(self.run, [r for r in read_log(self.run) if r["step"] <= state.global_step], self.fields)
         self.writer = self._open_tensorboard(state.global_step) if self.tensorboard else None
         self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
 
@@ -78,14 +83,15 @@ class MetricsLogger(TrainerCallback):
             "tokens_per_s": (tokens - self.last_tokens) / elapsed if elapsed > 0 else None,
             "step_s": elapsed / max(1, args.logging_steps),
             "epoch": state.epoch,
+            **{column: logs.get(key) for column, key in self.extra.items()},
         }
         self.last_time, self.last_tokens = now, tokens
         with open(self.run / LOG_JSONL, "a") as f:
             f.write(json.dumps(record) + "\n")
         with open(self.run / LOG_CSV, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS).writerow(record)
+            csv.DictWriter(f, fieldnames=self.fields).writerow(record)
         if self.writer is not None:
-            for key in ("loss", "grad_norm", "lr", "tokens_per_s"):
+            for key in ("loss", "grad_norm", "lr", "tokens_per_s", *self.extra):
                 if record[key] is not None:
                     self.writer.add_scalar(f"train/{key}", record[key], record["step"])
             self.writer.flush()

@@ -1,17 +1,18 @@
-"""The SFT recipe behind `pissa train`: one readable class, setup -> train -> save.
+"""The recipe behind `pissa train`: one readable class, setup -> train -> save.
 
-It runs on `transformers.Trainer` + PEFT, so `accelerate launch` / `torchrun` (DDP, FSDP,
-DeepSpeed) work with no code change. Two ways in:
+It runs on TRL (`SFTTrainer` for --stage sft, `DPOTrainer` for --stage dpo, see `train.trainers`) with
+PEFT, so `accelerate launch` / `torchrun` (DDP, FSDP, DeepSpeed) work with no code change. Two ways in:
 
 - `--init DIR`: a `pissa init` output. The residual model and the adapter load as stock
   artefacts (`AutoModelForCausalLM` + `PeftModel.from_pretrained(is_trainable=True)`); no SVD.
 - `--model MODEL --method M`: the adapter is initialised on the fly, in memory (`pissa.init`), with
   the same per-layer seeds as `pissa init`, so both give the same run.
+The data are read and converted to TRL's records by `pissa.data` (`sft`, `preference`).
 
 A run folder holds (pissa.layout.RunDir names them):
     train_config.yaml    the resolved config; its first line is the command that repeats the run
     checkpoints/         Trainer checkpoints (adapter + optimizer + scheduler + RNG) for --resume
-    log.jsonl, log.csv   loss, grad norm, lr, tokens and tokens/s per step; tensorboard/ the same
+    log.jsonl, log.csv   loss, grad norm, lr, tokens and tokens/s per step (DPO: margin, accuracy); tensorboard/
     adapter/             the trained PEFT adapter (model/ for --method full)
     residual/, init/     with --model and a PiSSA-style method: the frozen residual base the adapter needs,
                          and a `pissa init`-style folder with the initial A, B (what `pissa convert` reads);
@@ -39,8 +40,8 @@ from .methods import TrainMethod, get_train_method, method_of_init
 from .save import RunWriter
 
 
-class SFTRecipe:
-    """Supervised fine-tuning with the loss on response tokens: `setup()`, `train()`, `save()`.
+class TrainRecipe:
+    """Fine-tuning, supervised (loss on the answers) or DPO: `setup()`, `train()`, `save()`.
 
     `callbacks` are extra TrainerCallbacks; `progress(step, max_steps, loss)` is called per step.
     """
@@ -52,9 +53,9 @@ class SFTRecipe:
         self.callbacks = list(callbacks)
         self.progress = progress
         self.method: TrainMethod | None = None
-        self.args = None  # transformers.TrainingArguments
+        self.args = None  # trl.SFTConfig or trl.DPOConfig
         self.tokenizer = None
-        self.dataset = None
+        self.data = None  # pissa.data.sft.SFTData or pissa.data.preference.PreferenceData
         self.model = None
         self.trainer = None
         self.model_path: str | None = None  # the resolved --model
@@ -66,7 +67,7 @@ class SFTRecipe:
 
     # --- setup -----------------------------------------------------------------------------------
 
-    def setup(self) -> SFTRecipe:
+    def setup(self) -> TrainRecipe:
         """Check the run folder, load model + adapter + data, and build the Trainer."""
         from accelerate import PartialState
 
@@ -78,7 +79,7 @@ class SFTRecipe:
         from ..models import load_tokenizer
 
         self.tokenizer = load_tokenizer(self._tokenizer_source(), required_for="training")
-        self.dataset = self._load_data()  # bad data fails here, before anything is written
+        self.data = self._load_data()  # bad data fails here, before anything is written
         state.wait_for_everyone()  # every rank has checked --out before rank 0 creates it
         fresh = not self.config.resume
         if state.is_main_process:
@@ -151,40 +152,9 @@ class SFTRecipe:
         return method
 
     def _training_args(self):
-        from transformers import TrainingArguments
+        from .trainers import training_args
 
-        c = self.config
-        return TrainingArguments(
-            output_dir=str(self.run_dir.checkpoints),
-            learning_rate=c.lr,
-            lr_scheduler_type=c.scheduler,
-            warmup_steps=c.warmup_ratio,  # a float < 1 is a ratio of the total steps
-            weight_decay=c.weight_decay,
-            optim="adamw_torch",
-            num_train_epochs=c.epochs,
-            max_steps=c.max_steps,
-            per_device_train_batch_size=c.batch_size,
-            gradient_accumulation_steps=c.grad_accum,
-            max_grad_norm=c.max_grad_norm,
-            bf16=c.precision == "bf16",
-            # Named only when on: transformers 5 renames it (activation_checkpointing) and warns on the old name.
-            **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-               if c.gradient_checkpointing else {}),
-            seed=c.seed,
-            data_seed=c.seed,
-            logging_steps=1,
-            save_strategy="steps" if c.save_steps > 0 else "no",
-            save_steps=c.save_steps if c.save_steps > 0 else 500,
-            save_total_limit=c.save_total_limit,
-            report_to="none",  # our MetricsLogger writes JSONL/CSV/TensorBoard itself
-            include_num_input_tokens_seen="non_padding",
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            # With no GPU, say so: accelerate then builds a gloo process group under torchrun/accelerate launch.
-            use_cpu=not torch.cuda.is_available(),
-        )
+        return training_args(self.config, str(self.run_dir.checkpoints), self.method.adapter)
 
     def _tokenizer_source(self) -> Path | str:
         from ..layout import InitDir
@@ -249,7 +219,7 @@ class SFTRecipe:
         c, world = self.config, self.args.world_size
         if c.max_steps > 0:
             return c.max_steps
-        batches = math.ceil(len(self.dataset) / (c.batch_size * world))
+        batches = math.ceil(len(self.data.records) / (c.batch_size * world))
         return math.ceil(c.epochs * batches / c.grad_accum)
 
     def _quantized_on_the_fly(self):
@@ -276,21 +246,31 @@ class SFTRecipe:
                            targets=c.targets, seed=c.seed, **quant)
 
     def _load_data(self):
-        from ..data.tokens import build_dataset
+        c = self.config
+        if c.stage == "dpo":
+            from ..data.preference import build_preference_data
 
-        return build_dataset(self.config.data, self.tokenizer, self.config.max_length, self.config.limit)
+            return build_preference_data(c.data, self.tokenizer, c.max_length, c.limit)
+        from ..data.sft import build_sft_data
+
+        return build_sft_data(c.data, self.tokenizer, c.max_length, c.limit)
 
     def _trainer(self):
-        from transformers import PrinterCallback, Trainer
+        from transformers import PrinterCallback
 
-        from ..data.tokens import PadCollator, pad_id
         from .log import MetricsLogger, ProgressHook
+        from .trainers import build_dpo_trainer, build_sft_trainer
 
-        callbacks = [MetricsLogger(self.out, tensorboard=self.config.tensorboard)]
+        callbacks = [MetricsLogger(self.out, tensorboard=self.config.tensorboard, stage=self.config.stage)]
         if self.progress is not None:
             callbacks.append(ProgressHook(self.progress))
-        trainer = Trainer(model=self.model, args=self.args, train_dataset=self.dataset,
-                          data_collator=PadCollator(pad_id(self.tokenizer)), callbacks=callbacks + self.callbacks)
+        callbacks += self.callbacks
+        if self.config.stage == "dpo":
+            trainer = build_dpo_trainer(self.model, self.data, self.tokenizer, self.args, self.method.adapter,
+                                        self.config.train_singular_values, callbacks)
+        else:
+            trainer = build_sft_trainer(self.model, self.data, self.args, callbacks)
+            self.data.stats.loss_tokens = sum(sum(t != -100 for t in row) for row in trainer.train_dataset["labels"])
         trainer.remove_callback(PrinterCallback)  # it prints every log dict; our logger and bar replace it
         return trainer
 

@@ -69,8 +69,10 @@ class RunWriter:
             model.peft_config[ADAPTER_NAME].base_model_name_or_path = str(self.run.residual.resolve())
             if self.config.save_residual:  # first: saving the adapter reads its base's config.json
                 self.save_residual(model)
+        # DPO adds a frozen "ref" copy of the initial adapter; only the trained one is the run's.
+        only_trained = {"selected_adapters": [ADAPTER_NAME]} if recipe.method.adapter else {}
         with atomic_output_dir(self.run.root / name, overwrite=True) as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **only_trained)
             recipe.tokenizer.save_pretrained(tmp)
         if on_its_residual:
             self.save_init()  # (a quantized method on the fly already wrote RUN/init before training)
@@ -105,9 +107,10 @@ class RunWriter:
         log = read_log(self.run.root)
         trainable = sum(p.numel() for p in recipe.model.parameters() if p.requires_grad)
         speeds = [r["tokens_per_s"] for r in log if r["tokens_per_s"]]
-        state, stats = recipe.trainer.state, recipe.dataset.stats
+        state = recipe.trainer.state
         return {
             "command": c.command(),
+            "stage": c.stage,
             "method": recipe.method.name + ("+dora" if c.dora else "")
             + ("+singular-values" if c.train_singular_values else ""),
             "steps": state.global_step,
@@ -117,7 +120,7 @@ class RunWriter:
             "tokens_per_s_median": sorted(speeds)[len(speeds) // 2] if speeds else None,
             "train_seconds": round(recipe.train_seconds, 2),
             "trainable_params": trainable,
-            "examples": stats.kept,
-            "dropped_too_long": stats.too_long,
-            "data_format": stats.format,
+            **recipe.data.summary(),
+            **({"first_margin": log[0].get("margin"), "final_margin": log[-1].get("margin"),
+                "final_reward_accuracy": log[-1].get("reward_accuracy")} if c.stage == "dpo" and log else {}),
         }

@@ -99,3 +99,22 @@ def to_singular_value_adapters(peft_model, orth_reg_weight: float, total_steps: 
         module.lora_B[ADAPTER_NAME].copy_(U.to(dtype))
         module.lora_E[ADAPTER_NAME].copy_((S / multiplier).to(dtype)[:, None])
     return model
+
+
+def orthogonality_penalty(model) -> torch.Tensor | None:
+    """orth_reg_weight · mean over the AdaLoRA factors of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F, exactly as PEFT's
+    `AdaLoraModel.forward` adds it to `outputs.loss`; None for a model that is not a singular-value adapter.
+
+    TRL's trainers rebuild the loss from per-token log-probs and so drop what PEFT added: the recipe's
+    trainers add this back (`pissa.train.trainers.KeepsOrthogonality`)."""
+    config = getattr(model, "peft_config", {}).get(ADAPTER_NAME)
+    if config is None or getattr(config, "peft_type", None) != "ADALORA":  # PeftType is a str enum
+        return None
+    if not config.orth_reg_weight:
+        return None
+    norms = []
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and f".{ADAPTER_NAME}" in name:
+            cov = p @ p.T if "lora_A" in name else p.T @ p  # (r, r)
+            norms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype)))
+    return config.orth_reg_weight * torch.stack(norms).mean() if norms else None
