@@ -27,8 +27,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _checkpoints import spectrum_matrix
 from _common import LoadWatch, write_result
-from bench_stream import COPY, decaying_matrix, timed
+from bench_stream import COPY, timed
 from safetensors.torch import save_file
 
 HIDDEN, INTER, VOCAB, HEADS, KV, HEAD_DIM, LAYERS = 1024, 512, 16000, 8, 4, 128, 4
@@ -82,7 +83,7 @@ def write_checkpoint(folder: Path, experts: int) -> tuple[int, int]:
     q, kv = HEADS * HEAD_DIM, KV * HEAD_DIM
     shapes = {"q_proj": (q, HIDDEN), "k_proj": (kv, HIDDEN), "v_proj": (kv, HIDDEN), "o_proj": (HIDDEN, q),
               "gate_proj": (INTER, HIDDEN), "up_proj": (INTER, HIDDEN), "down_proj": (HIDDEN, INTER)}
-    bases = {name: decaying_matrix(*shape, g) for name, shape in shapes.items()}
+    bases = {name: spectrum_matrix(*shape, g) for name, shape in shapes.items()}
     groups = [{"model.embed_tokens.weight": (torch.randn(VOCAB, HIDDEN, generator=g) * 0.02).to(DTYPE)}]
     groups += [layer_tensors(i, experts, bases, g) for i in range(LAYERS)]
     groups.append({"model.norm.weight": torch.ones(HIDDEN, dtype=DTYPE),
