@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.char_tokenizer: the test suite's character-level tokenizer
 
 SIZES = {  # (checkpoint shape, training, evaluation) for the real check and the dry run
     "gpu": dict(ckpt=dict(layers=3, hidden=4096, intermediate=11008, vocab=32000, heads=32, kv_heads=32),
@@ -93,23 +94,6 @@ def step_init(work: Path, size: dict, device: str) -> dict:
             "max_rel_diff": diff, "ok": diff <= 1e-2}
 
 
-def char_tokenizer():
-    """A character-level tokenizer with a chat template, for models without the embedded one."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}<s>assistant: {% endif %}")
-    return fast
-
-
 def training_model(work: Path, dry: bool) -> tuple[str, str]:
     """(model to train, what it is): SmolLM2-135M when the embedded package is there (not in a dry run)."""
     if not dry:
@@ -121,6 +105,8 @@ def training_model(work: Path, dry: bool) -> tuple[str, str]:
             why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers import char_tokenizer
 
     tokenizer = char_tokenizer()
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
