@@ -4,7 +4,11 @@ them live in conftest.py; no test module imports another."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
+from transformers import TrainerCallback
 
 from pissa.init import PissaConfig, run_init
 from pissa.train import TrainConfig
@@ -240,3 +244,51 @@ def load_auto(model_dir, adapter_dir=None):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in `folder`, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_same_output(x: Path, y: Path) -> None:
+    """Two init outputs hold bit-identical residual and adapter tensors (dtypes included)."""
+    for part in ("residual", "adapter"):
+        assert_same_tensors(tensors(x / part), tensors(y / part))
+
+
+def without_timing(layers: dict) -> dict:
+    """Manifest layer infos without their timings (which differ between equal runs)."""
+    return {k: {f: v for f, v in info.items() if f != "seconds"} for k, info in layers.items()}
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under `roots`: equal snapshots mean byte-identical inputs."""
+    out = {}
+    for root in map(Path, roots):
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        out.update({str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    return out
+
+
+class CrashAt(TrainerCallback):
+    """Simulates a crash right after step `step` was logged (later than the last checkpoint)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"simulated crash at step {self.step}")

@@ -4,12 +4,10 @@ folder)."""
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import pytest
 from typer.testing import CliRunner
 
+from helpers import snapshot
 from pissa.cli import app
 from pissa.init import PissaConfig, run_init
 
@@ -68,11 +66,6 @@ CASES = {
 FLAT = [(command, option, value) for command, (_, bad) in CASES.items() for option, value in bad]
 
 
-def digest(root: Path) -> dict[str, str]:
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_dir, data_file):
     root = tmp_path_factory.mktemp("inputs")
@@ -95,9 +88,9 @@ def test_bad_value_is_refused_cleanly(inputs, tmp_path, command, option, value):
         empty = tmp_path / "empty"
         empty.mkdir()
         args, bad = [str(empty), "--out", str(out)], []
-    before = {k: digest(Path(v)) for k, v in inputs.items()}
+    before = {k: snapshot(v) for k, v in inputs.items()}
     result = runner.invoke(app, [command, *args, *bad])
     assert result.exit_code != 0, result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.output
-    assert {k: digest(Path(v)) for k, v in inputs.items()} == before
+    assert {k: snapshot(v) for k, v in inputs.items()} == before
     assert not out.exists() and not list(tmp_path.glob(".out.*")), sorted(p.name for p in tmp_path.iterdir())

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tensors
 from pissa.decompose import decompose, decompose_batch
 from pissa.init import PissaConfig, run_init, shard_job
 from pissa.init.plan import make_plan
@@ -21,15 +22,6 @@ from pissa.io.reader import CheckpointReader
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TIGHT = dict(atol=1e-6, rtol=1e-5)  # rounding only: the weights are O(0.1)..O(1)
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def assert_close_outputs(x: Path, y: Path) -> None:

@@ -10,9 +10,8 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import MOE_FAMILIES, build_tiny_moe, load_with_adapter, logits, train_pissa
+from helpers import MOE_FAMILIES, build_tiny_moe, load_with_adapter, logits, tensors, train_pissa, without_timing
 from pissa.convert import convert_to_lora, merge_adapter
 from pissa.errors import PissaError
 from pissa.init import PissaConfig, init_model, run_init
@@ -37,17 +36,6 @@ def moe_dirs(tmp_path_factory):
         build_tiny_moe(family).save_pretrained(root / family)
         dirs[family] = root / family
     return dirs
-
-
-def tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def without_timing(layers: dict) -> dict:
-    return {k: {f: v for f, v in info.items() if f != "seconds"} for k, info in layers.items()}
 
 
 def expert_wrappers(peft_model):

@@ -4,33 +4,22 @@ say which flag works. Every refusal leaves the inputs byte-identical and no outp
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import train_config
+from helpers import snapshot, train_config
 from pissa.cli import app
 from pissa.init import PissaConfig, run_init
 from pissa.train import SFTRecipe
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def snapshot(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under `roots`: equal snapshots mean byte-identical inputs."""
-    out = {}
-    for root in roots:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        out.update({str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
-    return out
 
 
 def refused(args: list[str], match: str) -> str:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import assert_same_output, tensors, without_timing
 from pissa.errors import PissaError
 from pissa.init import PissaConfig, parallel, run_init, shard_job
 from pissa.init.stream import work_dir_for
@@ -32,30 +33,6 @@ def save_sharded(model, path: Path) -> Path:
 @pytest.fixture
 def sharded_dir(tmp_path, tiny_llama):
     return save_sharded(tiny_llama, tmp_path / "sharded")
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        assert torch.equal(a[k], b[k]), k
-
-
-def assert_same_output(x: Path, y: Path) -> None:
-    """Two init outputs hold bit-identical residual and adapter tensors."""
-    assert_same_tensors(tensors(x / "residual"), tensors(y / "residual"))
-    assert_same_tensors(tensors(x / "adapter"), tensors(y / "adapter"))
-
-
-def without_timing(layers: dict) -> dict:
-    return {k: {f: v for f, v in info.items() if f != "seconds"} for k, info in layers.items()}
 
 
 def test_streamed_equals_in_memory(sharded_dir, tmp_path):

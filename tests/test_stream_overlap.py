@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import assert_same_output, tensors
 from pissa.errors import PissaError
 from pissa.init import PissaConfig, parallel, pipeline, run_init, shard_job, stream
 from pissa.init.stream import work_dir_for
@@ -25,22 +26,6 @@ CONFIG = PissaConfig(rank=4, alpha=8, rank_pattern={"q_proj": 8}, options={"nite
 def sharded_dir(tmp_path, tiny_llama):
     tiny_llama.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")  # 5 shards
     return tmp_path / "sharded"
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def assert_same_output(x: Path, y: Path) -> None:
-    """Bit-identical residual and adapter tensors (dtypes included)."""
-    for part in ("residual", "adapter"):
-        a, b = tensors(x / part), tensors(y / part)
-        assert sorted(a) == sorted(b), part
-        for k in a:
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 def assert_same_files(x: Path, y: Path) -> None:

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import TrainerCallback
 
-from helpers import RECORDS, losses, train_config
+from helpers import RECORDS, CrashAt, losses, train_config
 from pissa.errors import PissaError
 from pissa.init import init_model
 from pissa.train import SFTRecipe, TrainConfig
@@ -167,17 +166,6 @@ def test_init_dir_with_dora_keeps_logits(tmp_path, tiny_dir):
 
 # --- identities between runs -----------------------------------------------------------------------
 
-class CrashAt(TrainerCallback):
-    """Simulates a crash right after step `step` was logged (later than the last checkpoint)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"simulated crash at step {self.step}")
-
-
 @pytest.mark.parametrize("singular_values", [False, True], ids=["pissa", "pissa-singular-values"])
 def test_resume_equals_uninterrupted(tmp_path, tiny_dir, data_file, singular_values):
     kw = dict(max_steps=8, save_steps=4, method="pissa", train_singular_values=singular_values)
@@ -188,6 +176,8 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_dir, data_file, singular_val
     SFTRecipe(train_config(tmp_path, tiny_dir, data_file, "crashed", resume=True, **kw)).run()
     assert [r["step"] for r in read_log(tmp_path / "crashed")] == list(range(1, 9))  # no duplicated steps
     torch.testing.assert_close(losses(tmp_path / "crashed"), losses(tmp_path / "full_run"), rtol=1e-5, atol=1e-6)
+
+
 
 
 def test_init_dir_equals_on_the_fly(tmp_path, tiny_dir, data_file):

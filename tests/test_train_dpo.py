@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 
-from helpers import RECORDS, losses, train_config
+from helpers import RECORDS, CrashAt, losses, train_config
 from pissa.data.preference import build_preference_data
 from pissa.errors import PissaError
 from pissa.train import TrainConfig, TrainRecipe
@@ -156,13 +156,6 @@ def test_a_few_steps_raise_the_chosen_vs_rejected_margin(tmp_path, tiny_dir, pre
     torch.testing.assert_close(reference_logps(recipe, batch), before, rtol=1e-5, atol=1e-4)  # reference unmoved
 
 
-class CrashAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"simulated crash at step {self.step}")
 
 
 def test_dpo_resume_equals_uninterrupted(tmp_path, tiny_dir, prefs_file):

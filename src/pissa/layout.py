@@ -92,12 +92,6 @@ def is_init_dir(path: str | Path) -> bool:
     return InitDir(Path(path)).exists()
 
 
-def init_of_residual(path: str | Path) -> Path | None:
-    """The init folder whose residual/ `path` is, or None (a plain model folder)."""
-    path = Path(path)
-    return path.parent if path.name == RESIDUAL_DIR and is_init_dir(path.parent) else None
-
-
 @dataclass(frozen=True)
 class RunDir:
     """A `pissa train` run folder."""
@@ -135,6 +129,12 @@ def owner_of_residual(path: str | Path) -> Path | None:
     if path.name != RESIDUAL_DIR:
         return None
     return path.parent if is_init_dir(path.parent) or is_run_dir(path.parent) else None
+
+
+def init_of_residual(path: str | Path) -> Path | None:
+    """The `pissa init` folder whose residual/ `path` is, or None (a run's residual, or a plain model)."""
+    owner = owner_of_residual(path)
+    return owner if owner is not None and is_init_dir(owner) else None
 
 
 # --- layer kinds -------------------------------------------------------------------------------------
