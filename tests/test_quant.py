@@ -286,6 +286,32 @@ def test_saved_residual_loads_in_4bit_as_fitted(structured_dir, structured_llama
         torch.testing.assert_close(quantized(tokens).logits, reference(tokens).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_loaded_residual_stays_the_fit_and_passes_gradients_after_an_eval_pass(structured_dir, tmp_path, tokens):
+    """pissa's 4-bit loader keeps every forward on dequantize + matmul: bitsandbytes' bf16 CPU kernel (AVX512-BF16
+    machines) would repack the weights at the first eval pass, then leave the fit and cut the input gradient."""
+    from peft import PeftModel
+
+    from pissa.init.load import load_quantized_residual
+
+    out = tmp_path / "qpissa"
+    run_init(str(structured_dir), PissaConfig(rank=8, quantize="nf4", quant_iters=2), out, stream=False)
+    quantized = PeftModel.from_pretrained(load_quantized_residual(out, "cpu"), out / "adapter", is_trainable=True)
+    reference = fitted_reference(structured_dir, out)
+    for name, param in reference.named_parameters():
+        param.requires_grad_("lora_" in name)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized.eval()(tokens).logits, reference.eval()(tokens).logits,
+                                   rtol=1e-5, atol=1e-5)
+    grads = []
+    for model in (quantized, reference):
+        model.train()
+        model(tokens).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if "lora_A" in n})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 14
+    for name, grad in grads[0].items():  # layer 0's adapters get theirs through layer 1's 4-bit weights
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_loftq_init_agrees_with_peft_loftq_config(structured_dir, tmp_path, monkeypatch):
     """pissa init --quant-fit loftq == PEFT's LoraConfig(init_lora_weights="loftq"): PEFT keeps the dequantized
     Q as the base weight, ours is the stored residual quantized at load; same Q bit for bit, same A and B

@@ -12,7 +12,7 @@ from ..errors import PissaError
 from ..io.manifest import read_manifest
 from ..layout import InitDir
 from ..models import load_model
-from ..quant import QuantizationError, check_quantized_model, load_kwargs
+from ..quant import QuantizationError, check_quantized_model, keep_exact_cpu_forward_, load_kwargs
 from .experts import pattern_warnings_checked
 from .layers import refresh_dora_magnitude_
 
@@ -39,6 +39,7 @@ def load_quantized_residual(folder: str | Path, device):
     kwargs = load_kwargs(residual)  # raises with an install hint when bitsandbytes is missing
     base = AutoModelForCausalLM.from_pretrained(residual, device_map={"": device}, **kwargs)
     check_quantized_output(base, folder)  # before any forward pass (bnb's CPU path repacks weights)
+    keep_exact_cpu_forward_(base)  # and keep it from ever doing so: it would leave the fit and cut gradients
     return base
 
 

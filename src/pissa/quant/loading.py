@@ -19,12 +19,14 @@ weights). `load_kwargs(residual_dir)` turns them back into from_pretrained argum
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..dtypes import dtype_name, parse_dtype
+from ..errors import PissaWarning
 from ..layout import MODEL_CONFIG_FILE
 from .formats import QuantizationError, QuantSpec, digest, require_bnb, storage_dtype
 
@@ -89,6 +91,33 @@ def load_kwargs(residual_dir: str | Path) -> dict:
     """
     record = read_record(residual_dir)
     return {"quantization_config": bnb_config(record), "dtype": parse_dtype(record["dtype"])}
+
+
+CPU_KERNEL_NOTICE = (
+    "4-bit layers compute as dequantize + fp32 matmul on this CPU, exactly as the adapter was fitted: "
+    "bitsandbytes' bf16 CPU kernel is turned off, because it rounds weights and inputs to bf16 and, once used "
+    "in an eval pass, passes no gradient to earlier layers; it costs speed only (single-token decoding is "
+    "about 3x slower than with that kernel, batched forwards about the same)"
+)
+
+
+def keep_exact_cpu_forward_(model: nn.Module) -> int:
+    """Turn off bitsandbytes' bf16 CPU inference path on every Linear4bit of `model` (in place); returns how
+    many layers it was on for, and says once what that costs.
+
+    On a CPU with AVX512-BF16, bitsandbytes >= 0.49 repacks a 4-bit weight in place at its first eval-mode,
+    no-grad forward and from then on computes that layer in bf16, in training mode too, through a kernel with
+    no autograd formula: the layer's output moves by ~1e-2 from the fitted nf4(W_res) (a DPO reference is no
+    longer the model before training) and its input gets no gradient (earlier layers' adapters train on a
+    wrong gradient). The dequantize + matmul path is what the fit was measured against, and is differentiable.
+    """
+    layers = [m for m in model.modules() if isinstance(m, require_bnb().nn.Linear4bit)]
+    repacking = [m for m in layers if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for module in repacking:
+        module.support_avx512bf16_for_cpu = False
+    if repacking and any(p.device.type == "cpu" for m in repacking for p in m.parameters()):
+        warnings.warn(CPU_KERNEL_NOTICE, PissaWarning, stacklevel=2)
+    return len(repacking)
 
 
 def layer_name(module_name: str) -> str:
