@@ -62,8 +62,8 @@ def op_compress_compare(a):
     """Per layer of the first blocks: ours (QR + small SVD) vs forming ΔW and a full SVD, interleaved."""
     import torch
 
+    from pissa.convert.factors import truncate
     from pissa.convert.inputs import layer_scale
-    from pissa.convert.lora import truncate
     from pissa.io.adapter_files import lora_pairs, read_adapter
 
     config, state = read_adapter(a["lora"])

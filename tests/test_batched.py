@@ -15,7 +15,7 @@ import torch
 
 from helpers import tensors
 from pissa.decompose import decompose, decompose_batch
-from pissa.init import PissaConfig, run_init, shard_job
+from pissa.init import PissaConfig, run_init, shard_job, weights
 from pissa.init.plan import make_plan
 from pissa.io.reader import CheckpointReader
 
@@ -41,13 +41,13 @@ def assert_equal_outputs(x: Path, y: Path) -> None:
 
 def batch_sizes(monkeypatch) -> list[int]:
     """Record the size of every batched call the shard jobs make."""
-    sizes, real = [], shard_job.decompose_batch
+    sizes, real = [], weights.decompose_batch
 
     def spy(Ws, *args, **kwargs):
         sizes.append(len(Ws))
         return real(Ws, *args, **kwargs)
 
-    monkeypatch.setattr(shard_job, "decompose_batch", spy)
+    monkeypatch.setattr(weights, "decompose_batch", spy)
     return sizes
 
 

@@ -21,6 +21,7 @@ import torch
 from ..errors import PissaError
 from ..init.experts import own_pattern
 from ..layout import EXPERTS, ExpertLayout
+from .factors import Update, delta_fro, stack_2r, truncate
 from .inputs import init_similarity, layer_rank_alpha, layer_scale
 
 
@@ -107,8 +108,6 @@ def convert_experts(experts: Experts, trained_config: dict, init_config: dict, c
                     rank: int | None) -> tuple[dict, dict]:
     """(adapter state, per-module info) of every fused tensor: exact rank 2R, or each expert truncated, with
     `convert.lora`'s per-matrix arithmetic."""
-    from .lora import delta_fro, stack_2r, truncate
-
     state, layers = {}, {}
     for m, trained in experts.trained.items():
         ref = experts.refs[m]
@@ -163,7 +162,6 @@ def expert_updates(adapter, config: dict, pairs: dict, reader) -> dict:
     from ..init.experts import adapter_experts, check_expert_factors
     from ..layout import LINEAR
     from ..models import meta_model
-    from .merge import Update
 
     model = meta_model(reader.folder)
     where = adapter_experts(model, config["target_parameters"])

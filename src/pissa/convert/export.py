@@ -33,8 +33,9 @@ from ..io.jsonfile import read_json, write_json
 from ..io.reader import CheckpointReader
 from ..layout import EXPORT_FILE, MAGNITUDE_KEY, MODEL_CONFIG_FILE, init_of_residual, is_init_dir, kind_from_factors
 from .engines import ENGINES, EXPORT_FIELDS, Engine
+from .factors import scaled, truncate
 from .inputs import layer_scale, split_adapter
-from .lora import PLAIN_LORA_FIELDS, read_conversion, scaled, truncate
+from .lora import PLAIN_LORA_FIELDS, read_conversion
 from .merge import check_fits, open_base, replaced_key, resolve_base
 from .sources import init_folder_of, is_llama_factory_model
 

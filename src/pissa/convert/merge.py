@@ -42,6 +42,7 @@ from ..layout import (
     owner_of_residual,
 )
 from .experts import expert_updates
+from .factors import Update
 from .inputs import layer_scale, read_lora_adapter
 
 
@@ -57,17 +58,6 @@ class MergeResult:
 
     def size(self) -> int:
         return dir_size(self.out)
-
-
-@dataclass(frozen=True)
-class Update:
-    """What to add to one stored weight: scale · B @ A in the weight's layout."""
-
-    A: torch.Tensor  # (r, in) or conv (r, in, kh, kw)
-    B: torch.Tensor  # (out, r) or conv (out, r, 1, 1)
-    scale: float
-    kind: LayerKind
-    magnitude: torch.Tensor | None = None  # DoRA: (out,), the norm each row of W + ΔW is rescaled to
 
 
 # --- where the weights are ----------------------------------------------------------------------

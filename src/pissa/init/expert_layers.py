@@ -1,7 +1,7 @@
 """In-memory PiSSA of fused expert tensors wrapped by PEFT's `ParamWrapper` (`LoraConfig(target_parameters)`).
 
 Each part (gate, up) of each expert is decomposed on its own, exactly as the streaming path decomposes the
-per-expert tensors of the checkpoint (`init.layers.decompose_weight`, one seed per matrix), the residual
+per-expert tensors of the checkpoint (`init.weights.decompose_weight`, one seed per matrix), the residual
 replaces it in place in the fused parameter, and the factors are packed the way PEFT's ParamWrapper reads
 them (`pissa.layout.ExpertLayout.pack`). On a GPU the experts of a tensor are decomposed in batched calls.
 """
@@ -15,6 +15,7 @@ import torch
 
 from ..errors import PissaError
 from .experts import ExpertTarget
+from .weights import decompose_weight, decompose_weights
 
 BATCH_BYTES = 2 << 30  # fp32 bytes of same-shape expert matrices decomposed in one batched call (GPU only)
 
@@ -45,9 +46,6 @@ def batched(device: torch.device) -> bool:
 def decompose_experts(matrices: list[torch.Tensor], names: list[str], target: ExpertTarget, config, device):
     """Factors of same-shape expert matrices: one at a time on the CPU (as streaming does), in batched calls
     of at most BATCH_BYTES on a GPU."""
-    from .layers import decompose_weight
-    from .shard_job import decompose_weights
-
     if not batched(device):
         return [decompose_weight(W, n, config, target.rank, target.scale) for W, n in zip(matrices, names, strict=True)]
     per = max(1, BATCH_BYTES // (matrices[0].numel() * 4))

@@ -17,13 +17,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..decompose import decompose, layer_seed
-from ..dtypes import parse_dtype
 from ..errors import PissaError
 from ..layout import kind_of
 from ..models import check_not_quantized
 from .config import PissaConfig
+from .expert_layers import check_expert_weights, check_wrapped, init_experts_
+from .experts import pattern_warnings_checked
 from .targets import check_targets, resolve_targets
+from .weights import decompose_weight
 
 ADAPTER_NAME = "default"
 
@@ -53,9 +54,6 @@ def init_model(
     after the init to the column norms of W_res + scale B A = W, which keeps the outputs unchanged too.
     """
     from peft import get_peft_model
-
-    from .expert_layers import check_expert_weights, check_wrapped, init_experts_
-    from .experts import pattern_warnings_checked
 
     config = config or PissaConfig()
     check_not_quantized(model)
@@ -95,32 +93,6 @@ def refresh_dora_magnitude_(peft_model) -> None:
         magnitudes[ADAPTER_NAME].update_layer(
             base_layer=module.get_base_layer(), lora_A=module.lora_A[ADAPTER_NAME].weight,
             lora_B=module.lora_B[ADAPTER_NAME].weight, scaling=module.scaling[ADAPTER_NAME])
-
-
-def decompose_weight(W: torch.Tensor, name: str, config: PissaConfig, rank: int, scale: float):
-    """Decompose one layer's (out, in) weight per `config`: the single per-tensor entry point
-    shared by the in-memory and streaming paths, so both give the same tensors.
-    With `config.quantize` set it runs QPiSSA or LoftQ (`config.quant_fit`, pissa.quant), fitting
-    against the quantized residual."""
-    # MKL's GEMM/LAPACK bits depend on the data's address alignment: an fp32 weight mmap'd from a
-    # file, loaded by transformers or read into a fresh buffer would otherwise decompose to
-    # different last bits. A fresh (allocator-aligned) copy makes the result depend on values only.
-    # Other dtypes are copied anyway by the fp32 cast inside the decomposition.
-    W = W.detach().clone() if W.dtype == torch.float32 else W
-    if config.quantize is not None:
-        from .quantized import quantized_decompose
-
-        return quantized_decompose(W, name, config, rank, scale)
-    return decompose(
-        W,
-        config.method,
-        rank,
-        scale=scale,
-        options=config.options,
-        seed=layer_seed(config.seed, name),
-        adapter_dtype=parse_dtype(config.adapter_dtype),
-        name=f"{name}.weight",
-    )
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """The bridge from `PissaConfig` (quantize, quant_fit, quant_iters, double_quant, quant_storage,
-compute_dtype) to the QPiSSA or LoftQ fit, used by `init.layers.decompose_weight` for both the in-memory
+compute_dtype) to the QPiSSA or LoftQ fit, used by `init.weights.decompose_weight` for both the in-memory
 and streaming paths."""
 
 from __future__ import annotations

@@ -16,16 +16,14 @@ from pathlib import Path
 
 import torch
 
-from ..decompose import decompose_batch, get_method, layer_seed
-from ..dtypes import parse_dtype
 from ..errors import PissaError
 from ..io.reader import CODES, CheckpointError, ShardHeader, TensorEntry, read_slice
 from ..io.writer import ShardWriter, layout, os_error, write_tensors
 from ..layout import ADAPTER_DIR, LINEAR, RESIDUAL_DIR, embedding_base_key
 from .config import PissaConfig
-from .layers import decompose_weight
 from .pipeline import ShardIO
 from .plan import Target
+from .weights import decompose_weight, decompose_weights
 
 STATE_DIR = ".stream"  # inside the work folder; removed before the final rename
 
@@ -76,16 +74,6 @@ def decompose_targets(stored: list[torch.Tensor], targets: list[Target], config:
             parts[embedding_base_key(t.module)] = residual
         results.append((residual, parts, {**f.info, "seconds": seconds}))
     return results
-
-
-def decompose_weights(Ws: list[torch.Tensor], names: list[str], config: PissaConfig, rank: int, scale: float):
-    """`init.layers.decompose_weight` for several same-shape weights: one batched call for a method with a
-    batched form (each layer keeps its own seed), else exactly the per-tensor path, one by one."""
-    if len(Ws) == 1 or config.quantize is not None or get_method(config.method).batch is None:
-        return [decompose_weight(W, name, config, rank, scale) for W, name in zip(Ws, names, strict=True)]
-    return decompose_batch(Ws, config.method, rank, scale=scale, options=config.options,
-                           seeds=[layer_seed(config.seed, n) for n in names],
-                           adapter_dtype=parse_dtype(config.adapter_dtype), names=[f"{n}.weight" for n in names])
 
 
 def plan_batches(entries: tuple[TensorEntry, ...], targets: dict[str, Target],

@@ -1,6 +1,6 @@
 """Streaming (out-of-core) PiSSA init of a safetensors checkpoint folder.
 
-Reads one tensor at a time, decomposes each targeted weight with `init.layers.decompose_weight`
+Reads one tensor at a time, decomposes each targeted weight with `init.weights.decompose_weight`
 (the same per-tensor function as the in-memory path, so outputs are equal tensor for tensor),
 and writes, into a work folder that is renamed to OUT only when complete:
 
