@@ -37,6 +37,26 @@ def test_init_round_trips_through_stock_transformers_and_peft(
     assert "layers" in result.output and "14" in result.output and "max reconstruction error" in result.output
 
 
+HUB_KERNEL_NOTICE = "kernels-community"  # bitsandbytes >= 0.50 logs it at import on AVX512-BF16 CPUs without `kernels`
+
+
+def test_a_command_that_does_not_quantize_prints_no_bitsandbytes_notice(tiny_llama_dir, tmp_path):
+    """A fresh `pissa init` process, as a user runs it: peft imports bitsandbytes, whose hub-kernel notice is noise."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    bnb = pytest.importorskip("bitsandbytes")
+    cmd = [sys.executable, "-m", "pissa.cli", "init", str(tiny_llama_dir), "--rank", "2", "--out", str(tmp_path / "o")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "o" / "pissa.json").exists()
+    assert HUB_KERNEL_NOTICE not in done.stderr + done.stdout
+    if bnb.functional.has_avx512bf16() and importlib.util.find_spec("kernels") is None:  # the notice is real here
+        plain = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True)
+        assert HUB_KERNEL_NOTICE in plain.stderr
+
+
 def test_manifest_records_method_options_seed_versions_and_errors(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert run_init(tiny_llama_dir, "--rank", 4, "--components", "minor", "--seed", 7, "--out", out).exit_code == 0

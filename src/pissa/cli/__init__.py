@@ -1,5 +1,6 @@
 """The `pissa` command line: one verb per module, all registered on one typer app."""
 
+import logging
 import os
 
 # Transparent huge pages for torch's CPU tensors of 2 MB and more (torch reads this once, at its first
@@ -7,6 +8,18 @@ import os
 # page faults, as much as the rest of a layer's init: a streaming init used 15% less CPU time with it.
 # Only the command line sets it; a program that imports pissa keeps its own allocator settings.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+class _WithoutHubKernelNotice(logging.Filter):
+    """bitsandbytes >= 0.50 logs, at import (and peft imports it), that it could not fetch a faster CPU 4-bit
+    kernel from the Hugging Face hub. pissa never uses that kernel (`quant.keep_exact_cpu_forward_` turns the
+    bf16 CPU path off, and says so, on every 4-bit model it loads), so the line is noise on every command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_WithoutHubKernelNotice())
 
 from . import (  # noqa: E402, F401  (each module registers its command)
     analyze,

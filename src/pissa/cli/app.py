@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -87,9 +86,8 @@ def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
 @app.callback()
 def _root() -> None:
     """PiSSA fine-tuning: principal-singular-value adapter init, QPiSSA, conversion to LoRA."""
-    # Our own progress bars replace transformers' per-file ones; bitsandbytes' CPU-kernel notice is noise.
+    # Our own progress bars replace transformers' per-file ones.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.showwarning = show_warning
 
