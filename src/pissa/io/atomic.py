@@ -129,6 +129,19 @@ def replace_dir(src: Path, out: Path) -> None:
         src.rename(out)
 
 
+@contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if missing) until the block ends: processes that write
+    the same shared output (the embedded-model cache) take turns instead of interleaving their renames."""
+    import fcntl  # POSIX; the lock is released when the file closes, also when the process dies
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def dir_size(path: str | Path) -> int:
     """Total bytes of the files under `path`."""
     path = Path(path)

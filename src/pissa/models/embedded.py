@@ -14,6 +14,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from ..io.atomic import atomic_output_dir, exclusive_lock
 from ..layout import MODEL_CONFIG_FILE
 
 EMBEDDED = {
@@ -49,15 +50,15 @@ def resolve_embedded(name: str) -> Path:
         return root / "model"
     target = cache_root() / name
     if not (target / MODEL_CONFIG_FILE).exists():
-        _convert_gguf(root, SMOLLM2_GGUF, target)
+        with exclusive_lock(cache_root() / f".{name}.lock"):  # two processes' first use: one converts
+            if not (target / MODEL_CONFIG_FILE).exists():
+                _convert_gguf(root, SMOLLM2_GGUF, target)
     return target
 
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     """Dequantize a GGUF checkpoint once and save it as a plain safetensors folder (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..io.atomic import atomic_output_dir
 
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
