@@ -13,6 +13,17 @@ from helpers import RECORDS, build_tiny_llama, char_tokenizer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# One terminal for every test, wherever the suite runs: the CLI's tables and help wrap at the terminal's width
+# (rich reads COLUMNS, else the size of whatever terminal stdin is), and a CI's FORCE_COLOR would put escape
+# codes into captured output. PISSA_TEST_COLUMNS=40 runs the suite at another width, to find an assertion that
+# still depends on it (tests/test_cli_width.py runs one CLI test at 40, 80 and 200 columns on every run).
+os.environ["COLUMNS"] = os.environ.get("PISSA_TEST_COLUMNS", "100")
+os.environ["LINES"] = "50"
+os.environ["NO_COLOR"] = "1"
+os.environ["PYTHONUTF8"] = "1"  # subprocesses print the same characters under any locale
+for forcing in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "CLICOLOR_FORCE"):
+    os.environ.pop(forcing, None)
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -82,35 +93,60 @@ def smollm2_tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-STOCK_SCRIPT = r"""
-import sys, torch
+# A fresh process that loads folders with stock transformers + PEFT, never pissa, one request per line on stdin:
+# [base, adapter or "-", tokens.pt, out.pt]. It starts once per session (importing transformers and peft costs
+# ~5 s) and checks at every request that pissa is still not imported; each model is loaded anew from its files.
+STOCK_SERVER = r"""
+import json, sys, traceback, torch
 from transformers import AutoModelForCausalLM
-base, adapter, tokens_path, out_path = sys.argv[1:5]
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-if adapter != "-":
-    from peft import PeftModel
-    model = PeftModel.from_pretrained(model, adapter)
-model.eval()
-with torch.no_grad():
-    logits = model(torch.load(tokens_path, weights_only=True)).logits
-assert "pissa" not in sys.modules, "stock loading imported pissa"
-torch.save(logits, out_path)
+from peft import PeftModel
+for line in sys.stdin:
+    model = None
+    try:
+        base, adapter, tokens_path, out_path = json.loads(line)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        if adapter != "-":
+            model = PeftModel.from_pretrained(model, adapter)
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.load(tokens_path, weights_only=True)).logits
+        assert "pissa" not in sys.modules, "stock loading imported pissa"
+        torch.save(logits, out_path)
+        reply = "ok"
+    except Exception:
+        reply = traceback.format_exc()
+    del model
+    print(json.dumps(reply), flush=True)
 """
 
 
-@pytest.fixture
-def stock_logits(tmp_path):
-    """stock_logits(base_dir, adapter_dir_or_None, tokens): logits computed in a fresh process that
-    loads the folders with stock transformers + PEFT only (it asserts pissa was never imported)."""
+@pytest.fixture(scope="session")
+def stock_process(tmp_path_factory):
     import subprocess
     import sys
+
+    cwd = tmp_path_factory.mktemp("stock")
+    proc = subprocess.Popen([sys.executable, "-c", STOCK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=cwd)
+    yield proc
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture
+def stock_logits(tmp_path, stock_process):
+    """stock_logits(base_dir, adapter_dir_or_None, tokens): logits computed in a separate process that loads the
+    folders with stock transformers + PEFT only (it asserts pissa was never imported there)."""
 
     def run(base, adapter, tokens):
         tokens_path, out_path = tmp_path / "stock_tokens.pt", tmp_path / "stock_logits.pt"
         torch.save(tokens, tokens_path)
-        cmd = [sys.executable, "-c", STOCK_SCRIPT, str(base), str(adapter or "-"), str(tokens_path), str(out_path)]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
+        request = [str(base), str(adapter or "-"), str(tokens_path), str(out_path)]
+        stock_process.stdin.write(json.dumps(request) + "\n")
+        stock_process.stdin.flush()
+        reply = stock_process.stdout.readline()
+        assert reply, f"the stock-loading process died (exit {stock_process.poll()})"
+        assert json.loads(reply) == "ok", json.loads(reply)
         return torch.load(out_path, weights_only=True)
 
     return run

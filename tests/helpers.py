@@ -292,3 +292,10 @@ class CrashAt(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.global_step == self.step:
             raise KeyboardInterrupt(f"simulated crash at step {self.step}")
+
+
+def squashed(text: str) -> str:
+    """CLI output with every space, line break and table rule removed: a phrase inside a summary-table cell reads
+    the same at any terminal width (rich wraps a cell onto the next lines of its own column), so
+    `squashed(phrase) in squashed(result.output)` is a width-independent assertion."""
+    return "".join(ch for ch in text if not ch.isspace() and not "\u2500" <= ch <= "\u257f")

@@ -27,6 +27,7 @@ from pissa.convert.inputs import layer_scale
 from pissa.convert.sources import LLAMA_FACTORY, PEFT_INIT
 from pissa.errors import PissaError, PissaWarning
 from pissa.io.adapter_files import lora_pairs, read_adapter
+from pissa.layout import CONVERSION_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -186,7 +187,7 @@ def test_niter_config_warns_and_the_converted_adapter_never_recomputes(tmp_path)
                                       "--out", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     assert "warning:" in result.output and "pissa_niter_4" in result.output
-    assert "PEFT initial adapter" in result.output
+    assert json.loads((tmp_path / "cli" / CONVERSION_FILE).read_text())["init_kind"] == PEFT_INIT
     with pytest.warns(PissaWarning), pytest.raises(PissaError, match=r"Convert it first with `pissa convert"):
         merge_adapter(tmp_path / "trained", tmp_path / "original", tmp_path / "merged")  # PEFT's residual: wrong
     assert not (tmp_path / "merged").exists()
