@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PissaError
+from .linalg import one_thread
 
 
 class DecompositionError(PissaError, ValueError):
@@ -209,8 +210,9 @@ def finish(m: Method, W32: torch.Tensor, B: torch.Tensor, A: torch.Tensor, infos
     A = A.to(adapter_dtype).contiguous()  # (b, r, in)
     B = B.to(adapter_dtype).contiguous()  # (b, out, r)
     residual = torch.empty(W32.shape, dtype=residual_dtype, device=W32.device)  # (b, out, in)
-    stats = [residual_chunks_(residual[i], W32[i], B[i].to(torch.float32), A[i].to(torch.float32), scale)
-             for i in range(W32.shape[0])]
+    with one_thread():  # short memory-bound ops: a second thread only waits at their barriers (`one_thread`)
+        stats = [residual_chunks_(residual[i], W32[i], B[i].to(torch.float32), A[i].to(torch.float32), scale)
+                 for i in range(W32.shape[0])]
     return [Factors(A=A[i], B=B[i], residual=residual[i], info={
         "method": m.name,
         "rank": rank,
