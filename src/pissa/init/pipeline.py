@@ -22,6 +22,9 @@ from ..io.reader import ShardHeader, TensorEntry, read_tensor
 from ..io.writer import ShardWriter
 
 STOPPED = object()  # what the reader hands over when the pipeline stopped under it
+# The writer thread syncs the shard to disk after about this many bytes, so the disk writes while the next
+# weights decompose; the shard's closing fsync, on the main thread, then waits for one such piece at most.
+SYNC_BYTES = 64 << 20
 
 
 class ByteBudget:
@@ -138,11 +141,16 @@ class ShardIO:
             self.read_q.put((entry.name, read_tensor(self.f, self.header, entry)))
 
     def _write_all(self) -> None:
+        unsynced = 0
         while (item := self.write_q.get()) is not None:
             name, tensor = item
             del item  # no reference may outlive the write: the budget counts the bytes as freed
             self.writer.write(name, tensor)
+            unsynced += tensor.numel() * tensor.element_size()
             del tensor
+            if unsynced >= SYNC_BYTES:  # this thread waits for the disk, not the decomposition
+                self.writer.sync()
+                unsynced = 0
             with self.lock:
                 held = self.held.pop(name, 0)
             self.budget.release(held)

@@ -113,6 +113,16 @@ class ShardWriter:
         if self._filled == entry.nbytes:
             self._next, self._filled = self._next + 1, 0
 
+    def sync(self) -> None:
+        """Push what was written so far to the disk (fdatasync), so the disk writes while the caller computes and
+        `close` has little left to wait for: the kernel would otherwise hold a shard's GBs until its fsync."""
+        try:
+            self._file.flush()
+            os.fdatasync(self._file.fileno())
+        except OSError as e:
+            self._abort()
+            raise os_error(e, self.path) from e
+
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._abort()
