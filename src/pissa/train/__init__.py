@@ -1,11 +1,23 @@
 """Training: `TrainConfig`, training methods as data (`methods`), the recipe on TRL (`recipe`: SFT or DPO,
 `trainers`: what pissa adds to TRL's trainers, `save`), per-step logs (`log`), and PiSSA with trainable
-singular values."""
+singular values.
+
+The recipe is imported on first use: it loads transformers' Trainer, and with it peft and bitsandbytes
+(seconds), which the command line's other verbs, and `pissa train --help`, never need."""
+
+from __future__ import annotations
+
+import importlib
 
 from .config import TrainConfig
 from .methods import TRAIN_METHODS, TrainMethod, get_train_method
-from .recipe import TrainRecipe
 
-SFTRecipe = TrainRecipe  # the recipe's name before --stage dpo; both stages run through it
+_LAZY = {"TrainRecipe": "pissa.train.recipe", "SFTRecipe": "pissa.train.recipe"}
 
 __all__ = ["TRAIN_METHODS", "SFTRecipe", "TrainConfig", "TrainMethod", "TrainRecipe", "get_train_method"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pissa.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

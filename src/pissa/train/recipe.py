@@ -321,3 +321,6 @@ def check_quant_available(method: str) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise PissaError(f"--method {method} quantizes the base model and needs bitsandbytes: "
                          "`pip install 'pissa[quant]'` (or `pip install bitsandbytes`)")
+
+
+SFTRecipe = TrainRecipe  # the recipe's name before --stage dpo; both stages run through it
