@@ -178,7 +178,8 @@ def section(label: str, run_: dict) -> list[str]:
             "| phase | thread | calls | wall | CPU |", "|---|---|---:|---:|---:|",
         ]
         for phase, row in init["phases"].items():
-            lines.append(f"| {phase} | {row['thread']} | {row['calls']} | {row['wall_s']:.2f} s | {row['cpu_s']:.2f} s |")
+            lines.append(f"| {phase} | {row['thread']} | {row['calls']} | {row['wall_s']:.2f} s | "
+                         f"{row['cpu_s']:.2f} s |")
         lines.append("")
     return lines
 
@@ -208,7 +209,8 @@ def commit_of(src: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[8, 38], help="decoder layers (8: ~1.1 GB, 38: ~4.2 GB)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 38],
+                        help="decoder layers (8: ~1.1 GB, 38: ~4.2 GB)")
     parser.add_argument("--src", type=Path, default=ROOT, help="the source tree to time (default: this checkout)")
     parser.add_argument("--label", default="after", help="the section of results/init_phases.md this run fills")
     parser.add_argument("--tmp", default=None, help="folder for checkpoints and outputs (default: system temp)")
