@@ -12,8 +12,9 @@ fresh process, counting everything a user waits for (imports included).
   residual's Frobenius norm over the exact truncated SVD's, minus 1, in quadrature over a sample of
   targeted weights (all seven projections of the first and last layer), read back from each output.
 
-Goals (issue 14): pissa's wall <= 0.5x PEFT's, peak RSS <= 0.3x, at a residual excess no worse than PEFT's;
-the verdict uses the fastest pissa setting whose excess is at most PEFT's.
+Goals (issue 23): pissa at --niter 4 (PEFT's passes, a lower error) takes <= 0.5x PEFT's wall on the 4.17 GB
+checkpoint and <= 0.75x on the 1.08 GB one, at <= 0.3x its peak RSS on both; the verdict uses the fastest
+pissa setting whose excess is at most PEFT's.
 
 Run on an idle machine (about 6 min for both sizes; needs ~14 GB free disk and ~10 GB RAM for PEFT at 4 GB):
 
@@ -37,6 +38,7 @@ from _checkpoints import PROJECTIONS, truncation_floor, write_llama
 from _common import LoadWatch, run_fresh, write_result
 
 RANK = 16
+WALL_GOAL_SMALL, WALL_GOAL_LARGE = 0.75, 0.5  # pissa's wall over PEFT's, on ~1 GB and ~4 GB checkpoints
 WATCH = LoadWatch()
 
 PEFT_SCRIPT = """
@@ -174,13 +176,14 @@ def report(results: list[dict], args) -> str:
                          f"{r['peak_rss'] / 1e9:.2f} GB | {r['excess'] * 100:.4f}% | "
                          f"{r['wall_s'] / peft['wall_s']:.2f} | {r['peak_rss'] / peft['peak_rss']:.2f} |")
         v = verdict(rows, peft_label)
+        goal = WALL_GOAL_SMALL if res["gb"] < 2 else WALL_GOAL_LARGE
         if v["setting"] is None:
             verdicts.append(f"- {res['gb']:.2f} GB: no pissa setting reached PEFT's excess; add a larger "
                             "--pissa-niter.")
         else:
             verdicts.append(
                 f"- {res['gb']:.2f} GB: {v['setting']} (excess <= PEFT's): wall {v['wall_ratio']:.2f}x PEFT "
-                f"({'met' if v['wall_ratio'] <= 0.5 else 'not met'}, goal <= 0.5x), peak RSS {v['rss_ratio']:.2f}x "
+                f"({'met' if v['wall_ratio'] <= goal else 'not met'}, goal <= {goal}x), peak RSS {v['rss_ratio']:.2f}x "
                 f"({'met' if v['rss_ratio'] <= 0.3 else 'not met'}, goal <= 0.3x). Both processes import torch, "
                 f"transformers and peft ({v['imports_s']:.1f} s alone); beyond that, pissa took "
                 f"{v['beyond_imports']:.2f}x PEFT's time.")
@@ -191,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 38],
                         help="decoder layers (8: ~1.1 GB, 38: ~4.2 GB)")
-    parser.add_argument("--pissa-niter", type=int, nargs="+", default=[2, 3], help="pissa init --niter settings")
+    parser.add_argument("--pissa-niter", type=int, nargs="+", default=[3, 4], help="pissa init --niter settings")
     parser.add_argument("--peft-niter", type=int, default=4, help="PEFT's init_lora_weights=pissa_niter_N")
     parser.add_argument("--reps", type=int, default=1, help="runs of each (the best wall counts)")
     parser.add_argument("--tmp", default=None, help="folder for checkpoints and outputs (default: system temp)")

@@ -10,9 +10,8 @@ On the checkpoints of `bench_e2e.py` (synthetic bf16 Llamas, hidden 2048, 500 MB
     bf16 cast included), the rest of `decompose` (the fp32 copy of W, checks), writing tensors (writer thread),
     closing each shard (fsync, rename), and finalizing the adapter and manifest. Also the time from the process's
     start to its first tensor read, and which heavy packages the run imported;
-  - the copy floor: copying the same shard files (read + write + fsync, as the shard writer does);
-  - the decompose-only floor: every targeted weight decomposed as `pissa init` does it (`decompose_weight`, same
-    settings and threads), each read beforehand and outside the clock: the init's compute with no I/O.
+  - the copy and decompose-only floors (`_floors.py`): the same shard files copied with fsync, and every targeted
+    weight decomposed as `pissa init` does it with no I/O.
 
 `--src` times another source tree with the same wrappers (each phase is timed where that tree has its function),
 so one file holds the before and after of a change:
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 from _checkpoints import write_llama
 from _common import RESULTS, LoadWatch, write_result
+from _floors import floors
 
 ROOT = Path(__file__).parents[1]
 RANK, NITER = 16, 4
@@ -107,39 +107,6 @@ print(json.dumps({"imports_s": IMPORTED, "first_read_s": FIRST[0] if FIRST else 
                   "loaded": [m for m in HEAVY if m in sys.modules]}))
 """
 
-COPY = r"""
-import json, os, shutil, sys, time
-src, dst = sys.argv[1], sys.argv[2]
-start = time.perf_counter()
-os.makedirs(dst)
-for name in sorted(os.listdir(src)):
-    if name.endswith(".safetensors"):
-        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-        fd = os.open(os.path.join(dst, name), os.O_RDONLY); os.fsync(fd); os.close(fd)
-print(json.dumps({"copy_s": time.perf_counter() - start}))
-"""
-
-DECOMPOSE_ONLY = r"""
-import json, sys, time
-import torch
-from pissa.init import PissaConfig
-from pissa.init.plan import make_plan
-try:
-    from pissa.init.weights import decompose_weight
-except ImportError:  # trees before init/weights.py
-    from pissa.init.layers import decompose_weight
-config = PissaConfig(rank=int(sys.argv[2]), options={"niter": int(sys.argv[3])})
-plan = make_plan(sys.argv[1], config)
-total = 0.0
-for key, target in plan.targets.items():
-    W = target.kind.to_matrix(plan.reader.read([key])[key])  # (out, in), read outside the clock
-    start = time.perf_counter()
-    decompose_weight(W, target.module, config, target.rank, target.scale)
-    total += time.perf_counter() - start
-print(json.dumps({"decompose_only_s": total, "weights": len(plan.targets)}))
-"""
-
-
 def run(code: str, args: list[str], src: Path, tmp: Path) -> dict:
     """`python -c code args` in a fresh process importing pissa from `src`; its JSON line plus the outside wall."""
     script = tmp / "script.py"
@@ -157,10 +124,7 @@ def measure(ckpt: Path, src: Path, tmp: Path) -> dict:
     out = tmp / "out"
     init = run(DRIVER, ["init", str(ckpt), "--rank", str(RANK), "--niter", str(NITER), "--out", str(out)], src, tmp)
     shutil.rmtree(out)
-    copy = run(COPY, [str(ckpt), str(tmp / "copy")], src, tmp)
-    shutil.rmtree(tmp / "copy")
-    floor = run(DECOMPOSE_ONLY, [str(ckpt), str(RANK), str(NITER)], src, tmp)
-    return {"init": init, "copy_s": copy["copy_s"], "decompose_only_s": floor["decompose_only_s"]}
+    return {"init": init, **floors(ckpt, tmp, RANK, NITER, pythonpath=src / "src")}
 
 
 def section(label: str, run_: dict) -> list[str]:

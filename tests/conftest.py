@@ -24,6 +24,13 @@ os.environ["PYTHONUTF8"] = "1"  # subprocesses print the same characters under a
 for forcing in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "CLICOLOR_FORCE"):
     os.environ.pop(forcing, None)
 
+# `make test` runs the suite in two pytest-xdist workers, one per core: each computes on one thread (and so do the
+# processes its tests start), because two workers with two OpenMP threads each wait at every barrier for a thread
+# the other worker holds (a robust-PiSSA test took 230 s instead of 4 s). Results do not depend on it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def one_thread():
