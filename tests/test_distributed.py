@@ -60,8 +60,9 @@ def inputs(tmp_path_factory, tiny_dir, data_file, prefs_file) -> dict:
              "init": run_init(str(tiny_dir), PissaConfig(rank=4), root / "init").out,
              "moe_init": run_init(str(moe), PissaConfig(rank=4), root / "moe_init").out}
     if has_bitsandbytes():
-        found["qinit"] = run_init(str(tiny_dir), PissaConfig(rank=4, quantize="nf4", quant_iters=2,
-                                                             quant_storage="bfloat16"), root / "qinit").out
+        for name, storage in (("qinit", "bfloat16"), ("qinit_uint8", "uint8")):
+            config = PissaConfig(rank=4, quantize="nf4", quant_iters=2, quant_storage=storage)
+            found[name] = run_init(str(tiny_dir), config, root / name).out
     return found
 
 
@@ -71,8 +72,9 @@ def has_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def cases(inputs: dict) -> dict[str, dict]:
-    """name -> TrainConfig fields (without out) of every case a launch runs, at batch 2 per process."""
+def cases(inputs: dict, uint8: bool = False) -> dict[str, dict]:
+    """name -> TrainConfig fields (without out) of every case a launch runs, at batch 2 per process (with `uint8`,
+    also QPiSSA in uint8 storage, which has no reference of its own: it is the same model as in bf16 storage)."""
     base = dict(data=str(inputs["data"]), lr=1e-2, max_steps=3, batch_size=2, warmup_ratio=0.0, max_length=128,
                 tensorboard=False)
     init = dict(base, init=str(inputs["init"]))
@@ -86,6 +88,8 @@ def cases(inputs: dict) -> dict[str, dict]:
     }
     if "qinit" in inputs:
         found["qpissa"] = dict(base, init=str(inputs["qinit"]))
+        if uint8:
+            found["qpissa-uint8"] = dict(base, init=str(inputs["qinit_uint8"]))
     return found
 
 
@@ -107,7 +111,7 @@ def launch(config: str, runs: list[dict], work: Path) -> list[dict]:
 
 def engine_runs(names: list[str], inputs: dict, out: Path, zero2: tuple[str, ...] = ()) -> list[dict]:
     """The launch's run list: each case into out/<name>, then the kill at step 4 and the resume of "pissa"."""
-    all_cases = cases(inputs)
+    all_cases = cases(inputs, uint8=True)
     runs = [{"config": {**all_cases[n.removeprefix("zero2-")], "out": str(out / n)},
              "env": ZERO2 if n in zero2 else None} for n in names]
     resumed = {**all_cases["pissa"], "out": str(out / "resumed")}
@@ -141,7 +145,7 @@ def trained(run: Path) -> Path:
 def fsdp(inputs, tmp_path_factory) -> dict:
     """One FSDP2 launch (docs/distributed/fsdp.yaml, full sharding) of every case but --train-singular-values."""
     out = tmp_path_factory.mktemp("fsdp")
-    names = [n for n in cases(inputs) if n != "sv"]
+    names = [n for n in cases(inputs, uint8=True) if n != "sv"]
     return {"out": out, "records": launch("fsdp.yaml", engine_runs(names, inputs, out), out)}
 
 
@@ -164,13 +168,14 @@ def assert_same_weights(weights: dict, reference: dict, initial: dict) -> None:
     assert diff <= UPDATE_RTOL * update, (diff / update).item()
 
 
-def assert_equals_single(engine: dict, name: str, single: dict, expected_type: str, case: str | None = None):
+def assert_equals_single(engine: dict, name: str, single: dict, expected_type: str, case: str | None = None,
+                         sharded_frozen: bool = True):
     run = engine["out"] / name
     ref = single[case or name]
     record = next(r for r in engine["records"] if r["out"] == str(run))
     assert record["distributed_type"] == expected_type and record["processes"] == 2
     share = 1 if name.startswith("zero2-") else 2  # FSDP2 and ZeRO-3: each process held half; ZeRO-2: all
-    for part in ("trainable", "frozen"):
+    for part in ("trainable", "frozen") if sharded_frozen else ("trainable",):
         assert share * record["shards"][part]["local"] == record["shards"][part]["whole"], (part, record["shards"])
     torch.testing.assert_close(losses(run), ref["losses"], rtol=1e-4, atol=1e-5)
     assert_same_weights(tensors(trained(run)), ref["weights"], ref["initial"])
@@ -183,6 +188,23 @@ def test_fsdp_run_equals_one_process(fsdp, single, name):
     if name not in single:
         pytest.skip("QPiSSA needs bitsandbytes")
     assert_equals_single(fsdp, name, single, "FSDP")
+
+
+def test_fsdp_keeps_a_uint8_packed_residual_whole_and_warns(fsdp, single, inputs):
+    """FSDP2 shards floating-point tensors only: with the 4-bit codes packed in uint8 every process held them all
+    (in bfloat16 storage, test_fsdp_run_equals_one_process[qpissa], half), and pissa warns before training. The
+    model is the same one: the run equals the bf16-storage reference."""
+    if "qpissa" not in single:
+        pytest.skip("QPiSSA needs bitsandbytes")
+    from pissa.errors import PissaWarning
+    from pissa.train.engines import Engine, check_quant_storage
+
+    record = next(r for r in fsdp["records"] if r["out"] == str(fsdp["out"] / "qpissa-uint8"))
+    assert 2 * record["shards"]["trainable"]["local"] == record["shards"]["trainable"]["whole"]
+    assert 2 * record["shards"]["frozen"]["local"] > record["shards"]["frozen"]["whole"]
+    assert_equals_single(fsdp, "qpissa-uint8", single, "FSDP", "qpissa", sharded_frozen=False)
+    with pytest.warns(PissaWarning, match="packed in uint8, which FSDP does not shard.*--quant-storage bfloat16"):
+        check_quant_storage(Engine("fsdp", 2, fsdp_version=2), str(inputs["qinit_uint8"]))
 
 
 def test_fsdp_resume_after_kill_equals_uninterrupted(fsdp):
@@ -236,9 +258,10 @@ def test_fsdp_adapter_is_an_ordinary_peft_adapter(fsdp, single, inputs, tmp_path
 
 
 def adapter_config(run: Path) -> dict:
-    """adapter_config.json but its base path; target_modules is a set, saved in no fixed order."""
+    """adapter_config.json but its base path; PEFT keeps the targets in sets, saved in no fixed order."""
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    return {k: sorted(v) if k == "target_modules" else v for k, v in config.items() if k != "base_model_name_or_path"}
+    targets = ("target_modules", "target_parameters")
+    return {k: sorted(v) if k in targets and v else v for k, v in config.items() if k != "base_model_name_or_path"}
 
 
 def logits_of(model, ids):

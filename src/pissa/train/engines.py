@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PissaError
+from ..errors import PissaError, PissaWarning
 
 DOCS = "docs/distributed.md"
 
@@ -86,11 +86,29 @@ def check_engine(engine: Engine, config, method) -> None:
         raise PissaError(f"{where} without use_orig_params, each wrapped block is one flat parameter, all trainable "
                          "or all frozen, but PiSSA freezes the residual and trains the adapter inside every block; "
                          f"set fsdp_version: 2 (docs/distributed/fsdp.yaml, see {DOCS})")
+    if method.quantized:
+        check_quant_storage(engine, config.init)
     if engine.shards_weights and config.train_singular_values:
         raise PissaError(f"--train-singular-values {where}: PEFT's AdaLoRA adds its orthogonality regulariser in "
                          "the model's forward, from every A and B whole, outside the wrapped blocks, where each "
                          "process holds only a shard of them; train it under DeepSpeed ZeRO-2 (zero3.yaml with "
                          f"--zero_stage 2), see {DOCS}")
+
+
+def check_quant_storage(engine: Engine, init: str | None) -> None:
+    """Warn when FSDP will not shard a QPiSSA/LoftQ residual: FSDP2 shards floating-point tensors only, and keeps
+    bitsandbytes' 4-bit codes packed in uint8 whole on every process (tests/test_distributed.py)."""
+    if engine.name != "fsdp" or init is None:
+        return
+    from ..io.manifest import read_manifest
+
+    storage = (read_manifest(init).get("quantization") or {}).get("quant_storage")
+    if storage == "uint8":
+        import warnings
+
+        warnings.warn(f"under {engine.describe()} the 4-bit residual of --init {init} is packed in uint8, which FSDP "
+                      "does not shard: every process holds all of it; re-run `pissa init` with --quant-storage "
+                      "bfloat16 (the same codes, the same fitted adapter) to shard it", PissaWarning, stacklevel=2)
 
 
 def whole_weights(model, adapter: bool) -> dict[str, torch.Tensor] | None:

@@ -259,6 +259,8 @@ class TrainRecipe:
         options = {"niter": c.niter} if c.niter is not None and method.init == "pissa" else {}
         quant = {"quantize": c.quant_type or DEFAULT_QUANT_TYPE, "quant_iters": c.quant_iters or DEFAULT_QUANT_ITERS,
                  "quant_fit": method.quant_fit} if method.quantized else {}
+        if method.quantized and self.engine.name == "fsdp":
+            quant["quant_storage"] = "bfloat16"  # what FSDP shards (engines.check_quant_storage); the same codes
         return PissaConfig(rank=c.rank or DEFAULT_RANK, alpha=c.alpha, method=method.init, options=options,
                            targets=c.targets, seed=c.seed, **quant)
 
