@@ -9,7 +9,7 @@ only: {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"} is what `accelerate launch --zero
 zero3.yaml runs ZeRO-3 and ZeRO-2. With "cpu", accelerate is let run FSDP / DeepSpeed in CPU processes
 (helpers.allow_sharded_engines_on_cpu). Each process writes RUNS.rank<R>.json:
 per run, the distributed type the Trainer ran under, the parameter shards it held (helpers.shard_counts), its step
-times and its peak RSS so far.
+times, the largest RSS seen at the end of a step, and the process's peak RSS so far (loading included).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Observe(TrainerCallback):
     """Records the shards each process holds once the Trainer has wrapped the model, and each step's time."""
 
     def __init__(self):
-        self.shards, self.step_seconds, self.start = None, [], None
+        self.shards, self.step_seconds, self.start, self.step_rss = None, [], None, 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.shards = shard_counts(model)
@@ -40,13 +40,15 @@ class Observe(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_seconds.append(time.perf_counter() - self.start)
+        self.step_rss = max(self.step_rss, rss_bytes("VmRSS"))
 
 
-def peak_rss_bytes() -> int:
+def rss_bytes(field: str = "VmHWM") -> int:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), from /proc/self/status."""
     import re
 
     status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) * 1024
 
 
 def run_one(spec: dict) -> dict:
@@ -74,7 +76,7 @@ def train(spec: dict, TrainConfig, TrainRecipe) -> dict:
     state = recipe.trainer.accelerator.state
     return {"out": spec["config"]["out"], "distributed_type": str(state.distributed_type).split(".")[-1],
             "processes": state.num_processes, "shards": observe.shards, "step_seconds": observe.step_seconds,
-            "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
+            "seconds": time.perf_counter() - start, "step_rss_bytes": observe.step_rss, "peak_rss_bytes": rss_bytes()}
 
 
 def main() -> None:
