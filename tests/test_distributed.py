@@ -22,7 +22,7 @@ relative for a gradient element summed over n ~ 10^3-10^4 terms here (tokens x f
 about linearly over T <= 6 steps: ~1e-4; the bound on ||A_dist - A_one|| / ||A_one - A_0|| (over the whole adapter)
 is 1e-3, which leaves 10x for elements whose gradient is near zero, where Adam amplifies the difference. Measured
 here: FSDP2 and ZeRO-2 0 to 6e-8 (two fp32 summands add the same in either order), ZeRO-3 5e-7 to 5e-5 (the MoE
-at the top); the losses agree to the last bit, or within 1e-6.
+at the top).
 """
 
 from __future__ import annotations
