@@ -308,6 +308,17 @@ def test_refused_under_sharding_before_any_work(tmp_path, inputs, monkeypatch, e
     assert not (tmp_path / "run").exists()
 
 
+def test_deepspeed_launch_without_deepspeed_says_how_to_install(tmp_path, inputs, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(PissaError, match=r"DeepSpeed is not installed: `pip install 'pissa\[distributed\]'`"):
+        TrainRecipe(TrainConfig(**cases(inputs)["pissa"], out=str(tmp_path / "run"))).setup()
+    assert not (tmp_path / "run").exists()
+
+
 # --- QPiSSA: the 4-bit residual in the storage FSDP shards --------------------------------------------------------
 
 def test_qpissa_residual_in_bfloat16_storage_is_the_fitted_one(tmp_path, tiny_dir):
