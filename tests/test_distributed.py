@@ -28,6 +28,7 @@ at the top).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -180,6 +181,8 @@ def assert_equals_single(engine: dict, name: str, single: dict, expected_type: s
     for part in ("trainable", "frozen") if sharded_frozen else ("trainable",):
         assert share * record["shards"][part]["local"] == record["shards"][part]["whole"], (part, record["shards"])
     torch.testing.assert_close(losses(run), ref["losses"], rtol=1e-4, atol=1e-5)
+    if (case or name) == "dpo":  # the reference is the model before training: at step 0 the policy is it
+        assert losses(run)[0] == pytest.approx(math.log(2), abs=1e-6)
     assert_same_weights(tensors(trained(run)), ref["weights"], ref["initial"])
     if (ref["run"] / "lora").is_dir():  # --convert-at-end: the same rank-2r LoRA (its B0, A0 part is the init's)
         assert_same_weights(tensors(run / "lora"), tensors(ref["run"] / "lora"), {})
