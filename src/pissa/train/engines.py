@@ -9,8 +9,9 @@ model is loaded, so that what cannot work is refused first; the Trainer's Accele
 - FSDP2 (`fully_shard`) holds a shard of each parameter (a DTensor), ZeRO-3 a partition (the module's own tensor is
   empty). So with `--model`, the adapter is not initialised in memory (an SVD needs the whole weight): the init is
   first written to RUN/init (a local checkpoint streamed as `pissa init` under torchrun streams it, each process
-  taking its share of the shards), and every process loads that folder as with `--init`. After training, the trained weights are gathered whole (`whole_weights`, a collective: every process
-  calls it), and the main process saves them as an ordinary, unsharded PEFT adapter.
+  taking its share of the shards), and every process loads that folder as with `--init`. After training, the
+  trained weights are gathered whole (`whole_weights`, a collective: every process calls it), and the main process
+  saves them as an ordinary, unsharded PEFT adapter.
 """
 
 from __future__ import annotations
