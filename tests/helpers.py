@@ -5,6 +5,7 @@ them live in conftest.py; no test module imports another."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -82,6 +83,25 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\
                  "{% if add_generation_prompt %}<s>assistant: {% endif %}")
 RECORDS = [{"query": f"{a} + {b}?", "response": f"{a} + {b} = {a + b}. The answer is: {a + b}"}
            for a, b in [(2, 3), (4, 1), (7, 5), (6, 6), (9, 2), (3, 8), (5, 5), (8, 1)]]
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def wrong(record):
+    """The same reasoning with a final answer off by 2."""
+    answer = int(record["response"].rsplit(": ", 1)[1])
+    return record["response"].rsplit(": ", 1)[0] + f": {answer + 2}"
+
+
+# RECORDS as DPO preferences: the right answer chosen, a wrong final answer rejected (conftest: prefs_file).
+PREFS = [{"prompt": [user(r["query"])], "chosen": [assistant(r["response"])], "rejected": [assistant(wrong(r))]}
+         for r in RECORDS]
 
 
 def char_tokenizer():
@@ -299,3 +319,77 @@ def squashed(text: str) -> str:
     the same at any terminal width (rich wraps a cell onto the next lines of its own column), so
     `squashed(phrase) in squashed(result.output)` is a width-independent assertion."""
     return "".join(ch for ch in text if not ch.isspace() and not "\u2500" <= ch <= "\u257f")
+
+
+# --- multi-process runs: DDP, FSDP and DeepSpeed on the CPU ------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def allow_sharded_engines_on_cpu() -> None:
+    """Let accelerate run FSDP and DeepSpeed in CPU processes (gloo), as it runs them on GPUs.
+
+    accelerate turns ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED into its FSDP / DEEPSPEED distributed type
+    only for accelerator devices (AcceleratorState.__init__: MULTI_GPU, MULTI_XPU, ... for FSDP, `not cpu` for
+    DeepSpeed), so a CPU run would silently train plain DDP. This lifts that one check, in this process: the
+    plugins are the ones accelerate built from the launch config, and everything after it (accelerate's
+    `fully_shard` preparation, deepspeed.initialize, the Trainer's FSDP/DeepSpeed checkpointing) is stock code."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if getattr(AcceleratorState.__init__, "lifted", False):
+        return
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        import importlib
+
+        # deepspeed's CPU backend compiles a shared-memory kernel (~40 s of C++ on first use) that only its inference
+        # all-reduce calls; training's collectives go through torch.distributed (gloo) either way. (The module, not
+        # the `torch` name that deepspeed.comm re-exports.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    stock = AcceleratorState.__init__
+
+    def __init__(self, mixed_precision=None, cpu=False, dynamo_plugin=None, deepspeed_plugin=None, fsdp_plugin=None,
+                 *args, **kwargs):
+        fresh = not AcceleratorState._shared_state
+        stock(self, mixed_precision, cpu, dynamo_plugin, deepspeed_plugin, fsdp_plugin, *args, **kwargs)
+        if not fresh or self.distributed_type != DistributedType.MULTI_CPU:
+            return
+        if fsdp_plugin is not None:  # what AcceleratorState does for MULTI_GPU
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+        elif deepspeed_plugin is not None:  # what it does with ACCELERATE_USE_DEEPSPEED and not cpu
+            self.distributed_type = DistributedType.DEEPSPEED
+            deepspeed_plugin.set_mixed_precision(self._mixed_precision)
+            deepspeed_plugin.select(_from_accelerator_state=True)
+            self.deepspeed_plugins = deepspeed_plugin
+            self._mixed_precision = "no"
+        PartialState._shared_state["distributed_type"] = self.distributed_type
+
+    __init__.lifted = True
+    AcceleratorState.__init__ = __init__
+
+
+def shard_counts(model) -> dict:
+    """How many elements of the trainable (adapter) and frozen (residual) parameters this process holds, against
+    their whole size: a FSDP2 DTensor's local shard, a ZeRO-3 parameter's partition, or the whole tensor."""
+    from torch.distributed.tensor import DTensor
+
+    out = {"trainable": [0, 0], "frozen": [0, 0]}
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            local, whole = p.to_local().numel(), p.numel()
+        elif hasattr(p, "ds_id"):
+            local, whole = p.ds_tensor.numel(), p.ds_numel
+        else:
+            local = whole = p.numel()
+        counts = out["trainable" if p.requires_grad else "frozen"]
+        counts[0] += local
+        counts[1] += whole
+    return {k: {"local": v[0], "whole": v[1]} for k, v in out.items()}

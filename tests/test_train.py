@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import RECORDS, CrashAt, losses, train_config
+from helpers import RECORDS, CrashAt, free_port, losses, train_config
 from pissa.errors import PissaError
 from pissa.init import init_model
 from pissa.train import SFTRecipe, TrainConfig
@@ -226,23 +226,17 @@ if state.is_main_process:
 """
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launcher(name: str) -> list[str]:
-    """The command prefix that starts 2 local processes. accelerate's `--cpu --num_processes 2` starts one
-    process (more only through mpirun, with --mpirun_hostfile); `--multi_gpu` starts them through
+    """The command prefix that starts 2 local processes: torchrun, or `accelerate launch` with the shipped
+    docs/distributed/ddp.yaml (CPU overrides on the command line). accelerate's `--cpu --num_processes 2` starts
+    one process (more only through mpirun, with --mpirun_hostfile); the config's MULTI_GPU starts them through
     torch.distributed.run, and with no GPU each process's Trainer (use_cpu) joins a gloo process group."""
     port = str(free_port())
     if name == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(TESTS.parent / "docs" / "distributed" / "ddp.yaml"), "--num_processes", "2", "--mixed_precision",
+            "no", "--main_process_port", port]
 
 
 @pytest.mark.parametrize("launch", ["torchrun", "accelerate"])

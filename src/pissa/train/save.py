@@ -48,10 +48,11 @@ class RunWriter:
                     for name in ("init", "model", "data") if getattr(c, name) and Path(getattr(c, name)).is_absolute()}
         return {"method": method.name, "ranks": ranks if method.adapter else None, "run_relative": relative}
 
-    def save(self) -> dict:
-        """Write the trained weights, the loss curve and summary.json; returns the summary."""
+    def save(self, weights: dict | None = None) -> dict:
+        """Write the trained weights (`weights`: gathered whole from a sharded model, else None: the model's
+        own), the loss curve and summary.json; returns the summary."""
         method = self.recipe.method
-        self.save_weights()
+        self.save_weights(weights)
         summary = self.summary()
         plot_loss({method.name: read_log(self.run.root)}, self.run.loss_png, title=f"{method.name}: training loss")
         if self.config.convert_at_end:
@@ -59,11 +60,11 @@ class RunWriter:
         self.run.summary.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
-    def save_weights(self) -> None:
+    def save_weights(self, weights: dict | None = None) -> None:
         recipe = self.recipe
         model = recipe.trainer.accelerator.unwrap_model(recipe.trainer.model)
         name = ADAPTER_DIR if recipe.method.adapter else RUN_MODEL_DIR
-        on_its_residual = self.config.model is not None and recipe.method.converts and not recipe.method.quantized
+        on_its_residual = self.config.model is not None and recipe.method.converts and not recipe.init_written_first
         if on_its_residual:
             # The adapter belongs on the residual, not on the original model: point loaders (AutoPeftModel*) there.
             model.peft_config[ADAPTER_NAME].base_model_name_or_path = str(self.run.residual.resolve())
@@ -72,7 +73,7 @@ class RunWriter:
         # DPO adds a frozen "ref" copy of the initial adapter; only the trained one is the run's.
         only_trained = {"selected_adapters": [ADAPTER_NAME]} if recipe.method.adapter else {}
         with atomic_output_dir(self.run.root / name, overwrite=True) as tmp:
-            model.save_pretrained(tmp, **only_trained)
+            model.save_pretrained(tmp, state_dict=weights, **only_trained)
             recipe.tokenizer.save_pretrained(tmp)
         if on_its_residual:
             self.save_init()  # (a quantized method on the fly already wrote RUN/init before training)
@@ -105,7 +106,8 @@ class RunWriter:
     def summary(self) -> dict:
         recipe, c = self.recipe, self.config
         log = read_log(self.run.root)
-        trainable = sum(p.numel() for p in recipe.model.parameters() if p.requires_grad)
+        # ds_numel: a ZeRO-3 parameter's own numel is its (empty) local partition's
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in recipe.model.parameters() if p.requires_grad)
         speeds = [r["tokens_per_s"] for r in log if r["tokens_per_s"]]
         state = recipe.trainer.state
         return {
