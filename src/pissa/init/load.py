@@ -33,11 +33,11 @@ def check_quantized_output(model: nn.Module, out: str | Path) -> dict:
 
 def load_quantized_residual(folder: str | Path, device):
     """The residual in bitsandbytes 4-bit, exactly as the adapter was fitted against (checked)."""
-    from transformers import AutoModelForCausalLM
+    from ..models.load import model_class, read_config
 
     residual = InitDir(Path(folder)).residual
     kwargs = load_kwargs(residual)  # raises with an install hint when bitsandbytes is missing
-    base = AutoModelForCausalLM.from_pretrained(residual, device_map={"": device}, **kwargs)
+    base = model_class(read_config(residual)).from_pretrained(residual, device_map={"": device}, **kwargs)
     check_quantized_output(base, folder)  # before any forward pass (bnb's CPU path repacks weights)
     return base
 

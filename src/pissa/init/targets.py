@@ -73,10 +73,18 @@ def lora_config(config: PissaConfig, model: nn.Module, matched: list[str], **moe
         use_rslora=config.use_rslora,
         fan_in_fan_out=any(kind_of(modules[n]) is CONV1D for n in matched),
         init_lora_weights=True,
-        # plain nn.Modules (a small CNN) have no HF config and get no task type
-        task_type="CAUSAL_LM" if is_causal_lm_model(model) else None,
+        modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        task_type=peft_task_type(model),
     )
     return LoraConfig(**{**fields, **moe})
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type: CAUSAL_LM, SEQ_CLS for a sequence classifier (PEFT then also saves its head), else None
+    (a bare encoder, an image classifier, a plain nn.Module with no HF config)."""
+    if is_causal_lm_model(model):
+        return "CAUSAL_LM"
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else None
 
 
 def resolve_targets(model: nn.Module, config: PissaConfig) -> Targets:
