@@ -292,3 +292,43 @@ class CrashAt(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.global_step == self.step:
             raise KeyboardInterrupt(f"simulated crash at step {self.step}")
+
+
+# --- classifiers (pissa train --task classify | image-classify) ----------------------------------------------
+
+SENTIMENT_WORDS = {"positive": ["good", "great", "fine", "fun"], "negative": ["bad", "awful", "dull", "boring"]}
+
+
+def word_tokenizer():
+    """A BERT-style word-level fast tokenizer ([CLS] a [SEP] b [SEP]) over a small sentiment vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = [w for ws in SENTIMENT_WORDS.values() for w in ws] + "the film was very a plot not".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def sentiment_records(n: int, seed: int = 0) -> list[dict]:
+    """`text` / `label` records: "the film was very <word>", labelled by the word's polarity."""
+    import random
+
+    rng = random.Random(seed)
+    labels = sorted(SENTIMENT_WORDS)
+    return [{"text": f"the film was very {rng.choice(SENTIMENT_WORDS[labels[i % 2]])}", "label": labels[i % 2]}
+            for i in range(n)]
+
+
+def build_tiny_vit(seed: int = 0, num_labels: int | None = None):
+    """A 2-layer ViT (8x8 grey images, patch 4, hidden 32): the bare model, or an image classifier."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, num_labels=num_labels or 2)
+    return (ViTForImageClassification(config) if num_labels else ViTModel(config)).eval()

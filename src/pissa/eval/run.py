@@ -95,6 +95,8 @@ def run_target(run: RunDir) -> Target:
         base = str(run.residual)
     elif run.init.residual.is_dir():  # a quantized method with --model: the 4-bit init it wrote first
         base = str(run.init.residual)
+    elif run.base.is_dir():  # a classifier run: the model with its new head, as training started
+        base = str(run.base)
     elif config.get("init"):
         base = str(InitDir(run_input(run, config, "init")).residual)
     elif run.init.exists():  # its initial adapter was kept: the trained one needs the run's residual
@@ -233,6 +235,11 @@ def run_eval(
 ) -> tuple[EvalResult, Path, Target]:
     """Evaluate RUN_OR_MODEL on `data` and write OUT/{eval.json, predictions.jsonl}."""
     target = resolve_target(spec, adapter)
+    from .classify import classifier_task, run_classify_eval
+
+    task = classifier_task(target.model)
+    if task is not None:  # a sequence or image classifier: accuracy, F1, MCC on labelled records
+        return run_classify_eval(target, task, data, config, out, overwrite, dtype, progress)
     out = check_output_dir(out or default_out(target, data, config.task), overwrite,
                            inputs=[target.model, target.adapter, data])
     examples = load_eval_examples(data, config.limit)

@@ -113,7 +113,9 @@ class ClassifyRecipe(TrainRecipe):
                 self._write_base(base)
         model = meta_model(base)
         self.head = self.head or head_modules(model)
-        self.body = self.body or body_targets(model, self.head, self.task.conv_targets)
+        # bitsandbytes quantizes linear layers only: a 4-bit base keeps a Conv2d (a ViT's patch embedding) as it is
+        conv = self.task.conv_targets and not self.method.quantized
+        self.body = self.body or body_targets(model, self.head, conv)
         return str(base)
 
     def _write_base(self, base: Path) -> None:
