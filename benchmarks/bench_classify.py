@@ -297,7 +297,8 @@ VISION_NOTE = (
     "with `pissa train --task image-classify --method full` on the odd digits of scikit-learn's UCI handwritten "
     "digits (`load_digits`, 1,797 real 8x8 images shipped in the scikit-learn wheel, BSD-3 package; the UCI data is "
     "CC BY 4.0), then fine-tuned on the even digits with a new head. Adapters on every linear layer and on the "
-    "patch embedding (a Conv2d; not for QPiSSA / LoftQ, whose 4-bit base quantizes linear layers only). This is the paper's toy protocol (figure 2a: pre-train on odd digits, fine-tune on "
+    "patch embedding (a Conv2d; not for QPiSSA / LoftQ, whose 4-bit base quantizes linear layers only). "
+    "This is the paper's toy protocol (figure 2a: pre-train on odd digits, fine-tune on "
     "even) with a tiny ViT: its principal directions come from 8x8 odd digits, not ImageNet, so it says how the "
     "methods compare on a small pre-trained transformer, not how they do on ViT-B.")
 
