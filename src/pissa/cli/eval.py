@@ -46,7 +46,7 @@ def eval_command(
         with layer_progress("evaluating") as progress:
             result, out_dir, target = run_eval(run_or_model, data, config, adapter, out, overwrite, dtype,
                                                trust_remote_code, progress)
-    console.print(summary_table(f"pissa eval: {run_or_model} on {data} ({task})", [
+    console.print(summary_table(f"pissa eval: {run_or_model} on {data} ({getattr(result, 'task', task)})", [
         ("model", target.model),
         ("adapter", str(target.adapter) if target.adapter else "none"),
         ("accuracy", f"{result.accuracy:.2%} ({result.correct}/{result.total} "

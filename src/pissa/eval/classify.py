@@ -35,6 +35,7 @@ class ClassifyResult:
     labels: list[str]
     records: list[dict]
     seconds: float
+    task: str = "classify"
     perplexity: None = None  # what `pissa eval` prints for generation; a classifier has none
     backend: str = "transformers"
 
@@ -113,6 +114,8 @@ def default_out(target, data: str, task: ClassifierTask) -> Path:
     if target.adapter is not None:
         root = target.adapter.parent if target.adapter.name == ADAPTER_DIR else target.adapter
         return root / RUN_EVAL_DIR / f"{label}-{task.name}"
+    if target.kind == "run":  # --method full: RUN/model
+        return Path(target.model).parent / RUN_EVAL_DIR / f"{label}-{task.name}"
     return Path(f"eval-{Path(target.model).name}-{label}-{task.name}")
 
 
@@ -139,9 +142,10 @@ def run_classify_eval(target, task: ClassifierTask, data: str, config, out=None,
     lines = [{"index": i, "gold": labels.names[g], "predicted": labels.names[p], "correct": g == p}
              for i, (g, p) in enumerate(zip(gold.tolist(), predicted.tolist(), strict=True))]
     result = ClassifyResult(correct=int((predicted == gold).sum()), total=len(rows), labels=list(labels.names),
+                            task=task.name,
                             records=lines, seconds=time.perf_counter() - start, **metrics)
     meta = {"model": target.model, "adapter": str(target.adapter) if target.adapter else None, "kind": target.kind,
-            "data": data, "task": task.name, "config": config.to_dict()}
+            "data": data, "config": config.to_dict()}
     with atomic_output_dir(out, overwrite) as tmp:
         (tmp / EVAL_FILE).write_text(json.dumps({**result.summary(), **meta}, indent=2) + "\n")
         (tmp / PREDICTIONS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))

@@ -56,6 +56,18 @@ def default_targets(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in linear_modules(model)})
 
 
+def targets_of(config: PissaConfig, model: nn.Module):
+    """--targets, or the default: every linear layer but the output head and the modules to save (a classifier
+    head, trained in full)."""
+    if config.targets is not None:
+        return config.targets
+    if config.modules_to_save:
+        from .heads import body_targets
+
+        return body_targets(model, list(config.modules_to_save), conv=False)
+    return default_targets(model)
+
+
 def lora_config(config: PissaConfig, model: nn.Module, matched: list[str], **moe):
     """The PEFT LoraConfig for `config`; `matched` are the module names it targets. `moe` overrides the
     fields a MoE model sets (target_modules, target_parameters, rank_pattern, alpha_pattern)."""
@@ -65,7 +77,7 @@ def lora_config(config: PissaConfig, model: nn.Module, matched: list[str], **moe
     fields = dict(
         r=config.rank,
         lora_alpha=config.alpha_for(config.rank),
-        target_modules=config.targets if config.targets is not None else default_targets(model),
+        target_modules=targets_of(config, model),
         rank_pattern=dict(config.rank_pattern),
         # alpha = r per layer keeps scale 1 where the rank is overridden, as the paper does.
         alpha_pattern={k: float(r) for k, r in config.rank_pattern.items()} if config.alpha is None else {},
@@ -92,7 +104,7 @@ def resolve_targets(model: nn.Module, config: PissaConfig) -> Targets:
     tensors = expert_tensors(model)
     if tensors:
         return resolve_moe(model, config, tensors)
-    targets = config.targets if config.targets is not None else default_targets(model)
+    targets = targets_of(config, model)
     ranks = match_modules(model, config, targets, set())
     if not ranks:
         raise PissaError(
