@@ -114,37 +114,3 @@ def stock_logits(tmp_path):
         return torch.load(out_path, weights_only=True)
 
     return run
-
-
-STOCK_CLASSIFIER_SCRIPT = r"""
-import sys, torch, transformers
-auto, base, adapter, inputs_path, out_path = sys.argv[1:6]
-model = getattr(transformers, auto).from_pretrained(base, dtype=torch.float32)
-if adapter != "-":
-    from peft import PeftModel
-    model = PeftModel.from_pretrained(model, adapter)
-model.eval()
-with torch.no_grad():
-    logits = model(**torch.load(inputs_path, weights_only=True)).logits
-assert "pissa" not in sys.modules, "stock loading imported pissa"
-torch.save(logits, out_path)
-"""
-
-
-@pytest.fixture
-def stock_classifier_logits(tmp_path):
-    """stock_classifier_logits(auto_class_name, base_dir, adapter_dir_or_None, inputs): a classifier's logits
-    computed in a fresh process with stock transformers + PEFT only (it asserts pissa was never imported)."""
-    import subprocess
-    import sys
-
-    def run(auto, base, adapter, inputs):
-        inputs_path, out_path = tmp_path / "stock_inputs.pt", tmp_path / "stock_logits.pt"
-        torch.save(inputs, inputs_path)
-        cmd = [sys.executable, "-c", STOCK_CLASSIFIER_SCRIPT, auto, str(base), str(adapter or "-"), str(inputs_path),
-               str(out_path)]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return torch.load(out_path, weights_only=True)
-
-    return run

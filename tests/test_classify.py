@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from helpers import build_tiny_bert, build_tiny_vit, sentiment_records, word_tokenizer
+from helpers import build_tiny_bert, build_tiny_vit, sentiment_records, stock_classifier_logits, word_tokenizer
 from pissa.cli import app
 from pissa.convert import convert_to_lora, merge_adapter
 from pissa.data.labels import encode_texts, read_labelled_texts
@@ -104,27 +104,38 @@ def test_pissa_leaves_the_logits_unchanged_at_init(inputs, tmp_path, kind):
         "base_model.model.classifier.modules_to_save.default.bias"}
 
 
+@pytest.fixture(scope="module")
+def stock(trained, tmp_path_factory):
+    """Per kind, in one fresh stock process: the residual + trained adapter, the converted LoRA on the run's
+    original model (RUN/base), and the merged model."""
+    out = {}
+    for kind, t in trained.items():
+        run, folder = t["run"], tmp_path_factory.mktemp(f"converted-{kind}")
+        convert_to_lora(run / "adapter", run / "init", folder / "lora")
+        merge_adapter(folder / "lora", run / "base", folder / "merged")
+        pairs = [(run / "residual", run / "adapter"), (run / "base", folder / "lora"), (folder / "merged", None)]
+        logits = stock_classifier_logits(folder, AUTO[kind], pairs, t["batch"])
+        out[kind] = {"folder": folder, **dict(zip(["trained", "converted", "merged"], logits, strict=True))}
+    return out
+
+
 @pytest.mark.parametrize("kind", TASK)
-def test_the_trained_head_is_saved_and_loads_with_stock_peft(trained, stock_classifier_logits, kind):
-    run, batch = trained[kind]["run"], trained[kind]["batch"]
+def test_the_trained_head_is_saved_and_loads_with_stock_peft(trained, stock, kind):
+    run = trained[kind]["run"]
     saved = load_file(run / "adapter" / "adapter_model.safetensors")
     start = load_file(run / "base" / "model.safetensors")
     assert not torch.equal(saved["base_model.model.classifier.weight"], start["classifier.weight"])  # trained
-    stock = stock_classifier_logits(AUTO[kind], run / "residual", run / "adapter", batch)
-    torch.testing.assert_close(stock, trained[kind]["logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(stock[kind]["trained"], trained[kind]["logits"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", TASK)
-def test_the_converted_lora_and_the_merged_model_carry_the_head(trained, stock_classifier_logits, tmp_path, kind):
-    run, batch = trained[kind]["run"], trained[kind]["batch"]
-    convert_to_lora(run / "adapter", run / "init", tmp_path / "lora")
-    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-        str((run / "base").resolve())  # the run's original model: the backbone with its new head
-    on_original = stock_classifier_logits(AUTO[kind], run / "base", tmp_path / "lora", batch)
-    torch.testing.assert_close(on_original, trained[kind]["logits"], atol=1e-4, rtol=0)
-    merge_adapter(tmp_path / "lora", run / "base", tmp_path / "merged")
-    merged = stock_classifier_logits(AUTO[kind], tmp_path / "merged", None, batch)
-    torch.testing.assert_close(merged, trained[kind]["logits"], atol=1e-4, rtol=0)
+def test_the_converted_lora_and_the_merged_model_carry_the_head(trained, stock, kind):
+    run, lora = trained[kind]["run"], stock[kind]["folder"] / "lora"
+    config = json.loads((lora / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((run / "base").resolve())  # the backbone with its new head
+    assert "classifier" in config["modules_to_save"]
+    torch.testing.assert_close(stock[kind]["converted"], trained[kind]["logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(stock[kind]["merged"], trained[kind]["logits"], atol=1e-4, rtol=0)
 
 
 METHODS = {"full": {}, "lora": {}, "dora": {"method": "pissa", "dora": True}, "qpissa": {"quant_iters": 2},
