@@ -180,16 +180,30 @@ def run_one(part: Part, method: str, lr: float, seed: int) -> dict:
     return result
 
 
+def sweep_lr(part: Part, method: str, grid: list[float], extensions: int = 2) -> list[dict]:
+    """Seed-0 runs over `grid`; while the best lr is at an end of a swept grid, one more lr 3x beyond it (at most
+    `extensions` times), so that no method's lr is chosen at the edge of what was tried."""
+    grid = sorted(grid)
+    for _ in range(extensions + 1):
+        sweep = [run_one(part, method, lr, 0) for lr in grid]
+        if any(r is None for r in sweep):
+            return []
+        best = max(sweep, key=lambda r: r["val"]["accuracy"])["lr"]
+        if len(grid) < 2 or best not in (grid[0], grid[-1]):
+            return sweep
+        grid = sorted({*grid, best * 3 if best == grid[-1] else best / 3})
+    return sweep
+
+
 def run_part(part: Part, seeds: int, methods: list[str]) -> dict:
-    """lr sweep on seed 0 (validation accuracy picks it), then the other seeds at the chosen lr. QPiSSA and
-    LoftQ take PiSSA's chosen lr (no sweep of their own)."""
+    """lr sweep on seed 0 (validation accuracy picks it, `sweep_lr`), then the other seeds at the chosen lr.
+    QPiSSA and LoftQ take PiSSA's chosen lr (no sweep of their own)."""
     out = {}
     for method in methods:
         if not part.grids[method] and "pissa" not in out:
             continue
-        grid = part.grids[method] or [out["pissa"]["lr"]]
-        sweep = [r for r in (run_one(part, method, lr, 0) for lr in grid) if r is not None]
-        if len(sweep) < len(grid):  # --render-only before this method's sweep finished
+        sweep = sweep_lr(part, method, part.grids[method] or [out["pissa"]["lr"]])
+        if not sweep:  # --render-only before this method's sweep finished
             continue
         best = max(sweep, key=lambda r: r["val"]["accuracy"])
         runs = [best] + [r for r in (run_one(part, method, best["lr"], s) for s in range(1, seeds)) if r is not None]
@@ -308,7 +322,8 @@ def report(data: dict, args, watch: LoadWatch) -> str:
              "Command: `.venv/bin/python benchmarks/bench_classify.py " + " ".join(sys.argv[1:]) + "`", "",
              watch.header(), "",
              f"Protocol: each method at the same rank; its learning rate chosen by validation accuracy at seed 0 from "
-             f"its grid (QPiSSA and LoftQ take PiSSA's chosen lr), then {args.seeds} seeds (0..{args.seeds - 1}: the "
+             f"its grid, extended by 3x steps while the best was at an end (QPiSSA and LoftQ take PiSSA's chosen lr), "
+             f"then {args.seeds} seeds (0..{args.seeds - 1}: the "
              "head's draw, the data order, dropout) at that lr; mean ± standard deviation over the seeds on the "
              "held-out test split. AdamW, linear schedule with 6% warmup, no weight decay, alpha = r, fp32; QPiSSA "
              "and LoftQ train on an NF4 base (bitsandbytes, 5 alternating steps), the head unquantized.", ""]
