@@ -119,7 +119,8 @@ class ClassifyRecipe(TrainRecipe):
         return str(base)
 
     def _write_base(self, base: Path) -> None:
-        """The backbone with a head for the data's labels (a new one drawn with --seed unless it has them)."""
+        """The backbone with a head for the data's labels: a new one drawn with --seed, unless the checkpoint is a
+        classifier whose head has exactly these labels (then it is kept)."""
         from ..io.atomic import atomic_output_dir
 
         source = self._source()
@@ -128,6 +129,11 @@ class ClassifyRecipe(TrainRecipe):
         kwargs = {} if keep else {**self.labels.config_kwargs(), "ignore_mismatched_sizes": True}
         torch.manual_seed(self.config.seed)
         model = self.task.auto().from_pretrained(source, dtype="auto", **kwargs)
+        if not keep and task_of_config(self.source_config) is self.task:  # a head for other labels: draw it anew
+            with torch.no_grad():
+                for name in head_modules(model):
+                    for module in getattr(model, name).modules():
+                        model._init_weights(module)
         with atomic_output_dir(base, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
