@@ -225,8 +225,8 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(results: dict) -> list[str]:
-    lines = ["| method | trainable params | lr (validation, seed 0) | test accuracy % | test macro F1 % | "
-             "test MCC % | final train loss |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | trainable params | lr (validation accuracy % at seed 0) | test accuracy % | test macro F1 % | "
+             "test MCC % | final train loss | train s / run |", "|---|---|---|---|---|---|---|---|"]
     for method, r in results.items():
         runs = r["runs"]
         sweep = ", ".join(f"{lr}: {100 * acc:.1f}" for lr, acc in r["sweep"].items()) if r["swept"] else \
@@ -234,7 +234,8 @@ def table(results: dict) -> list[str]:
         final = statistics.fmean(statistics.fmean(x["loss"][-10:]) for x in runs)
         lines.append(f"| {LABELS[method]} | {runs[0]['trainable_params']:,} | **{r['lr']:g}** ({sweep}) | "
                      f"{mean_std([x['test']['accuracy'] for x in runs])} | {mean_std([x['test']['f1'] for x in runs])}"
-                     f" | {mean_std([x['test']['mcc'] for x in runs])} | {final:.3f} |")
+                     f" | {mean_std([x['test']['mcc'] for x in runs])} | {final:.3f} | "
+                     f"{statistics.fmean(x['train_seconds'] for x in runs):.0f} |")
     return lines
 
 
@@ -307,8 +308,9 @@ TEXT_NOTE = (
     "12,808 of them fresh/rotten snippets; the Cornell data itself carries no licence beyond its authors' research "
     "distribution). This is SST-2's task on its source sentences with a 22M model and 480 training examples "
     "(two epochs, 120 steps of 8), not GLUE with DeBERTa-v3-base: compare the methods with each other, not with table 3"
-    "'s numbers. QPiSSA and LoftQ were left out of the text part by default (`--text-methods`): on this shared 2-core "
-    "machine each text run took about 3 minutes, and their 4-bit runs would have doubled the time.")
+    "'s numbers. QPiSSA and LoftQ were left out of the text part by default (`--text-methods`): their init fits every "
+    "layer 5 times and bitsandbytes' 4-bit CPU kernels are slow, which would have about doubled the time on this "
+    "shared 2-core machine.")
 VISION_NOTE = (
     "**Vision.** No pretrained ViT is reachable offline (the hub is down and no PyPI package ships a ViT checkpoint "
     "we found), so the model is a ViT built from a config (`ViTForImageClassification`: image 8x8, 1 channel, patch "
