@@ -119,6 +119,20 @@ def stock(trained, tmp_path_factory):
     return out
 
 
+def test_a_head_for_other_labels_is_drawn_anew(inputs, tmp_path):
+    """A classifier checkpoint whose head has other labels (same count): RUN/base gets a new head, not its weights."""
+    other = build_tiny_bert(num_labels=2)
+    other.config.id2label, other.config.label2id = {0: "a", 1: "b"}, {"a": 0, "b": 1}
+    other.save_pretrained(tmp_path / "other")
+    word_tokenizer().save_pretrained(tmp_path / "other")
+    recipe_for(config(inputs, "text", tmp_path / "run", model=str(tmp_path / "other"), method="lora")).setup()
+    base = load_file(tmp_path / "run" / "base" / "model.safetensors")
+    assert not torch.equal(base["classifier.weight"], other.classifier.weight)
+    assert torch.equal(base["bert.pooler.dense.weight"], other.bert.pooler.dense.weight)  # the backbone as it was
+    assert json.loads((tmp_path / "run" / "base" / "config.json").read_text())["id2label"] == \
+        {"0": "negative", "1": "positive"}
+
+
 @pytest.mark.parametrize("kind", TASK)
 def test_the_trained_head_is_saved_and_loads_with_stock_peft(trained, stock, kind):
     run = trained[kind]["run"]

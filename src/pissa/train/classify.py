@@ -130,10 +130,7 @@ class ClassifyRecipe(TrainRecipe):
         torch.manual_seed(self.config.seed)
         model = self.task.auto().from_pretrained(source, dtype="auto", **kwargs)
         if not keep and task_of_config(self.source_config) is self.task:  # a head for other labels: draw it anew
-            with torch.no_grad():
-                for name in head_modules(model):
-                    for module in getattr(model, name).modules():
-                        model._init_weights(module)
+            redraw_(model, head_modules(model))
         with atomic_output_dir(base, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -160,3 +157,14 @@ class ClassifyRecipe(TrainRecipe):
         trainer.remove_callback(PrinterCallback)  # our logger and bar replace it
         return trainer
 
+
+@torch.no_grad()
+def redraw_(model, head: list[str]) -> None:
+    """Initialise (in place) the `head` modules as transformers initialises a missing head; the flags that mark
+    loaded weights as initialised (which its init functions skip) are cleared first."""
+    for name in head:
+        for module in getattr(model, name).modules():
+            module._is_hf_initialized = False
+            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                tensor._is_hf_initialized = False
+            model._init_weights(module)
