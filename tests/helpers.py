@@ -393,3 +393,75 @@ def shard_counts(model) -> dict:
         counts[0] += local
         counts[1] += whole
     return {k: {"local": v[0], "whole": v[1]} for k, v in out.items()}
+
+
+# --- classifiers (pissa train --task classify | image-classify) ----------------------------------------------
+
+SENTIMENT_WORDS = {"positive": ["good", "great", "fine", "fun"], "negative": ["bad", "awful", "dull", "boring"]}
+
+
+def word_tokenizer():
+    """A BERT-style word-level fast tokenizer ([CLS] a [SEP] b [SEP]) over a small sentiment vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = [w for ws in SENTIMENT_WORDS.values() for w in ws] + "the film was very a plot not".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def sentiment_records(n: int, seed: int = 0) -> list[dict]:
+    """`text` / `label` records: "the film was very <word>", labelled by the word's polarity."""
+    import random
+
+    rng = random.Random(seed)
+    labels = sorted(SENTIMENT_WORDS)
+    return [{"text": f"the film was very {rng.choice(SENTIMENT_WORDS[labels[i % 2]])}", "label": labels[i % 2]}
+            for i in range(n)]
+
+
+def build_tiny_vit(seed: int = 0, num_labels: int | None = None):
+    """A 2-layer ViT (8x8 grey images, patch 4, hidden 32): the bare model, or an image classifier."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, num_labels=num_labels or 2)
+    return (ViTForImageClassification(config) if num_labels else ViTModel(config)).eval()
+
+
+STOCK_CLASSIFIER_SCRIPT = r"""
+import sys, torch, transformers
+auto, pairs, inputs_path, out_path = sys.argv[1:5]
+inputs, out = torch.load(inputs_path, weights_only=True), []
+for pair in pairs.split(";"):
+    base, adapter = pair.split(",")
+    model = getattr(transformers, auto).from_pretrained(base, dtype=torch.float32)
+    if adapter != "-":
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        out.append(model.eval()(**inputs).logits)
+assert "pissa" not in sys.modules, "stock loading imported pissa"
+torch.save(out, out_path)
+"""
+
+
+def stock_classifier_logits(folder: Path, auto: str, pairs: list[tuple[Path, Path | None]], inputs: dict) -> list:
+    """Each (base, adapter or None)'s logits on `inputs`, computed in one fresh process with stock transformers
+    (`auto`, an Auto class name) + PEFT only; it asserts pissa was never imported (`stock_logits` for classifiers)."""
+    import subprocess
+    import sys
+
+    inputs_path, out_path = folder / "stock_inputs.pt", folder / "stock_logits.pt"
+    torch.save(inputs, inputs_path)
+    spec = ";".join(f"{base},{adapter or '-'}" for base, adapter in pairs)
+    done = subprocess.run([sys.executable, "-c", STOCK_CLASSIFIER_SCRIPT, auto, spec, str(inputs_path), str(out_path)],
+                          capture_output=True, text=True, cwd=folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out_path, weights_only=True)

@@ -101,9 +101,9 @@ def test_io_imports_neither_peft_nor_model_code():
 # need (each costs a tenth of a second to seconds at start-up, or is an optional install), and stdlib modules used
 # in one place. Any other third-party import goes at the top of its module. pissa's own modules may be imported
 # inside a function (to keep a command's start-up to what it uses); the layering and cycle tests count those too.
-LAZY_THIRD_PARTY = {"accelerate", "bitsandbytes", "datasets", "deepspeed", "huggingface_hub", "jinja2", "matplotlib",
-                    "peft", "rich.progress", "torch.distributed", "torch.utils.tensorboard", "transformers", "trl",
-                    "vllm", "yaml"}
+LAZY_THIRD_PARTY = {"PIL", "accelerate", "bitsandbytes", "datasets", "deepspeed", "huggingface_hub", "jinja2",
+                    "matplotlib", "peft", "rich.progress", "torch.distributed", "torch.utils.tensorboard",
+                    "transformers", "trl", "vllm", "yaml"}
 LAZY_STDLIB = {"ctypes", "fcntl", "importlib.util", "json", "shutil", "time"}
 
 

@@ -33,7 +33,7 @@ CASES = {
         ("--max-grad-norm", "-1"), ("--precision", "fp8"), ("--limit", "-5"), ("--limit", "0"),
         ("--max-length", "1"), ("--rank", "0"), ("--alpha", "nan"), ("--method", "bogus"),
         ("--orth-reg-weight", "nan"), ("--save-steps", "-1"), ("--data", "missing.jsonl"), ("--model", "./nope"),
-        ("--init", "{init}"), ("--resume", None),
+        ("--init", "{init}"), ("--resume", None), ("--task", "bogus"), ("--task", "classify"),
     ]),
     "eval": (["{model}", "--data", "{data}", "--out", "{out}"], [
         ("--task", "bogus"), ("--max-new-tokens", "0"), ("--batch-size", "0"), ("--limit", "-1"),

@@ -36,6 +36,7 @@ LOSS_PNG = "loss.png"
 RUN_INIT_DIR = "init"  # a `pissa init`-style folder with the initial adapter (what convert reads)
 RUN_LORA_DIR = "lora"  # --convert-at-end: the trained adapter as a LoRA on the original model
 RUN_MODEL_DIR = "model"  # --method full: the fine-tuned model
+RUN_BASE_DIR = "base"  # a classifier task: the model with its new head as training started (the original model)
 RUN_EVAL_DIR = "eval"  # `pissa eval RUN` keeps its results in RUN/eval/<data>-<task>/
 
 # --- an eval results folder -------------------------------------------------------------------------
@@ -109,6 +110,7 @@ class RunDir:
     residual = property(lambda self: self.root / RESIDUAL_DIR)
     lora = property(lambda self: self.root / RUN_LORA_DIR)
     model = property(lambda self: self.root / RUN_MODEL_DIR)
+    base = property(lambda self: self.root / RUN_BASE_DIR)
     eval = property(lambda self: self.root / RUN_EVAL_DIR)
 
     @property

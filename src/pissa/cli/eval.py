@@ -26,7 +26,8 @@ def eval_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing results folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
 ):
-    """Evaluate a model or a fine-tuned adapter: accuracy (answer extraction + exact match) and perplexity.
+    """Evaluate a model or a fine-tuned adapter: accuracy (answer extraction + exact match) and perplexity;
+    a classifier (pissa train --task classify | image-classify): accuracy, macro F1, Matthews correlation.
 
     Examples:
 
@@ -35,6 +36,8 @@ def eval_command(
       pissa eval out/smol-r16 --data arith:test        # a `pissa init` folder: residual + adapter
       pissa eval smollm2-135m --adapter runs/lora/adapter --data gsm8k_test.jsonl --task gsm8k
       pissa eval ./my-model --data math_test.jsonl --task math --backend vllm
+      pissa eval runs/cls --data sst_test.jsonl        # a classifier: accuracy, macro F1, Matthews correlation
+      pissa eval runs/vit --data images_test/          # an image classifier on a folder tree ROOT/<label>/<image>
     """
     from ..eval import run_eval
 
@@ -43,10 +46,13 @@ def eval_command(
         with layer_progress("evaluating") as progress:
             result, out_dir, target = run_eval(run_or_model, data, config, adapter, out, overwrite, dtype,
                                                trust_remote_code, progress)
-    console.print(summary_table(f"pissa eval: {run_or_model} on {data} ({task})", [
+    console.print(summary_table(f"pissa eval: {run_or_model} on {data} ({getattr(result, 'task', task)})", [
         ("model", target.model),
         ("adapter", str(target.adapter) if target.adapter else "none"),
-        ("accuracy", f"{result.accuracy:.2%} ({result.correct}/{result.total} exact match)"),
+        ("accuracy", f"{result.accuracy:.2%} ({result.correct}/{result.total} "
+                     f"{'correct' if hasattr(result, 'mcc') else 'exact match'})"),
+        *([("macro F1", f"{result.f1:.4f}"), ("Matthews correlation", f"{result.mcc:.4f}")]
+          if hasattr(result, "mcc") else []),
         ("perplexity", f"{result.perplexity:.3f}" if result.perplexity is not None else "skipped"),
         ("backend", result.backend),
         ("wall time", f"{result.seconds:.1f} s"),

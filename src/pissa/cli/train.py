@@ -28,22 +28,27 @@ def train_command(config: TrainConfig):
       accelerate launch --multi_gpu --num_processes 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp
       torchrun --nproc_per_node 2 "$(which pissa)" train --model smollm2-135m --out runs/ddp-cpu   # CPU, gloo
       pissa train --model smollm2-135m --method pissa --max-steps 200 --save-steps 50 --out runs/pissa --resume
+      pissa train --task classify --model minilm-l6 --method pissa --rank 8 --lr 2e-4 --data sst.jsonl --out runs/cls
+      pissa train --task image-classify --model ./vit --method pissa --data images/ --epochs 3 --out runs/vit
 
     Data (a .json/.jsonl file; the format is read from the first record):
     chat `messages`, ShareGPT `conversations`, prompt/completion, Alpaca,
     MetaMathQA, GSM8K question/answer, MATH, `text`; dpo: prompt/chosen/rejected.
     The bundled `arith` set (the default --data) is synthetic: generated
     arithmetic word problems, for demos and tests (dpo: the right answer is
-    chosen, a wrong final answer rejected).
+    chosen, a wrong final answer rejected). --task classify: `text` (+
+    `text_pair`) / `label` records in .jsonl/.json/.csv or a hub dataset;
+    --task image-classify: a folder tree ROOT/<label>/<image> or an .npz with
+    `images` and `labels`.
     """
-    from ..train import SFTRecipe
+    from ..train import recipe_for
 
     out = Path(config.out)
     with user_errors(interrupted=f"interrupted; re-run with --resume to continue from the last checkpoint in "
                                  f"{out / 'checkpoints'} (written every --save-steps), or with --overwrite to start "
                                  "again"):
         with step_progress() as progress:
-            recipe = SFTRecipe(config, progress=progress)
+            recipe = recipe_for(config, progress=progress)
             summary = recipe.run()
     if summary:  # only the main process prints
         console.print(summary_table(f"pissa train: {summary['method']} -> {out}", summary_rows(summary, out)))
@@ -70,7 +75,7 @@ def summary_rows(summary: dict, out: Path) -> list[tuple[str, str]]:
         ("wall time", f"{summary['train_seconds']:.1f} s"),
     ]
     run = RunDir(out)
-    for path in (run.adapter, run.model, run.residual, run.init.root, run.log_jsonl, run.loss_png):
+    for path in (run.adapter, run.model, run.residual, run.init.root, run.base, run.log_jsonl, run.loss_png):
         if path.exists():
             rows.append((str(path), human_bytes(dir_size(path))))
     return rows

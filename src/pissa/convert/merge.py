@@ -14,6 +14,7 @@ sharded model keeps its index. The output appears only when complete.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,6 +110,9 @@ def checkpoint_key(key: str, reader: CheckpointReader, what: str) -> str:
     matches = [k for k in reader.weight_map if k.endswith(f".{key}")]
     if len(matches) == 1:
         return matches[0]
+    renamed = renamed_keys(reader.folder, tuple(reader.weight_map)).get(key)
+    if renamed is not None:
+        return renamed
     raise PissaError(f"the base model has no weight for {what} ({key}); the adapter was "
                      "trained on a different model, give the matching --base")
 
@@ -134,6 +138,20 @@ def replaced_key(name: str, tensor: torch.Tensor, reader: CheckpointReader) -> s
         raise PissaError(f"the adapter's {name} is {tuple(tensor.shape)} but {key} in {reader.folder} is {stored}; "
                          "the adapter was trained on a different model")
     return key
+
+
+@functools.cache
+def renamed_keys(folder: Path, keys: tuple[str, ...]) -> dict[str, str]:
+    """Live parameter name -> checkpoint name, for a model that transformers renames on load (ViT's
+    `encoder.layer.N.attention.attention.query` is the live `layers.N.attention.q_proj`); read on the meta model."""
+    from ..init.expert_disk import conversions, live_name
+    from ..models import meta_model
+
+    model = meta_model(folder)
+    renamings, _, meta_state = conversions(model)
+    if not renamings:
+        return {}
+    return {live_name(k, model, renamings, [], meta_state)[0]: k for k in keys}
 
 
 # --- checking the pairing -----------------------------------------------------------------------

@@ -28,6 +28,11 @@ class PissaConfig:
         metadata={"help": "Module or expert-tensor names (suffix match) or one regex (full match); default: every "
                           "linear layer except the output head, and every MoE expert tensor (not the routers)."},
     )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full beside the adapters and saved in it (PEFT modules_to_save), e.g. "
+                          "a classifier head; never targeted, never quantized."},
+    )
     rank_pattern: dict[str, int] = field(
         default_factory=dict, metadata={"help": "Per-layer rank overrides PATTERN=RANK (regex or name suffix)."}
     )

@@ -111,6 +111,9 @@ def init_layer_(layer, name: str, config: PissaConfig) -> dict:
 def residual_state_dict(peft_model) -> dict[str, torch.Tensor]:
     """The base model's state dict with the residual weights under their original names."""
     state = peft_model.get_base_model().state_dict()
-    adapter_parts = (".lora_", ".ranknum.")  # ranknum: AdaLoRA's (not saved) rank buffer
-    # A module with several targeted expert tensors nests one `.base_layer` per PEFT ParamWrapper.
-    return {re.sub(r"(\.base_layer)+\.", ".", k): v for k, v in state.items() if not any(p in k for p in adapter_parts)}
+    # ranknum: AdaLoRA's (not saved) rank buffer; modules_to_save: the trained copy of a head (the adapter's)
+    adapter_parts = (".lora_", ".ranknum.", ".modules_to_save.")
+    # A module with several targeted expert tensors nests one `.base_layer` per PEFT ParamWrapper; a module
+    # to save keeps its untouched original as `.original_module`.
+    return {re.sub(r"(\.base_layer|\.original_module)+\.", ".", k): v for k, v in state.items()
+            if not any(p in k for p in adapter_parts)}

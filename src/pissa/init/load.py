@@ -12,6 +12,7 @@ from ..errors import PissaError
 from ..io.manifest import read_manifest
 from ..layout import InitDir
 from ..models import load_model
+from ..models.load import model_class, read_config
 from ..quant import QuantizationError, check_quantized_model, keep_exact_cpu_forward_, load_kwargs
 from .experts import pattern_warnings_checked
 from .layers import refresh_dora_magnitude_
@@ -33,14 +34,12 @@ def check_quantized_output(model: nn.Module, out: str | Path) -> dict:
 
 def load_quantized_residual(folder: str | Path, device):
     """The residual in bitsandbytes 4-bit, exactly as the adapter was fitted against (checked)."""
-    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     residual = InitDir(Path(folder)).residual
     kwargs = load_kwargs(residual)  # raises with an install hint when bitsandbytes is missing
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     placed = {} if is_deepspeed_zero3_enabled() else {"device_map": {"": device}}  # ZeRO-3 refuses a device_map
-    base = AutoModelForCausalLM.from_pretrained(residual, **placed, **kwargs)
+    base = model_class(read_config(residual)).from_pretrained(residual, **placed, **kwargs)
     check_quantized_output(base, folder)  # before any forward pass (bnb's CPU path repacks weights)
     keep_exact_cpu_forward_(base)  # and keep it from ever doing so: it would leave the fit and cut gradients
     return base

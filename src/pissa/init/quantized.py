@@ -82,7 +82,10 @@ def record_for(config, layers: dict[str, dict]) -> dict | None:
             "dtype. Load the model with one --dtype"
         )
     spec = spec_for(config, parse_dtype(dtypes.pop()))
-    return quant_record(spec, config.quant_iters, config.compute_dtype, config.quant_fit)
+    record = quant_record(spec, config.quant_iters, config.compute_dtype, config.quant_fit)
+    if config.modules_to_save:  # trained in full (a classifier head): the loader must keep them unquantized
+        record["bnb_config"]["llm_int8_skip_modules"] = list(config.modules_to_save)
+    return record
 
 
 def record_into_(hf_config, config, layers: dict[str, dict]) -> dict | None:

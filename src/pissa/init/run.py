@@ -76,8 +76,11 @@ def run_init(
     start = time.perf_counter()
     resolved = resolve_model(model)  # once: an embedded name is converted to a folder on first use
     local = is_safetensors_folder(resolved)
-    if stream is None:
-        stream = local
+    if stream and config.modules_to_save:
+        raise PissaError("--modules-to-save: the streaming init does not write the saved modules' copies into the "
+                         "adapter; add --in-memory (the modules to save are small, but the whole model is loaded)")
+    if stream is None:  # modules to save: PEFT's own save_pretrained writes their copies
+        stream = local and not config.modules_to_save
     if stream:
         options = StreamOptions(workers=workers, device=device, resume=resume, batch=batch)
         stream_init(model, resolved, config, out, overwrite, trust_remote_code, progress, options, dtype)
@@ -86,7 +89,8 @@ def run_init(
         if workers != 1 or device != "cpu" or batch:
             raise PissaError("--workers, --device and --batch-same-shape apply to streaming init only; drop them "
                              "with --in-memory")
-        why = "asked for (--in-memory)" if local else "not a local safetensors folder"
+        why = ("asked for (--in-memory)" if not config.modules_to_save else "modules_to_save (PEFT writes their "
+               "copies)") if local else "not a local safetensors folder"
         manifest = init_in_memory(model, resolved, config, Path(out), overwrite, dtype, trust_remote_code, progress,
                                   why)
     return InitResult(out=Path(out), manifest=manifest, trainable_params=manifest["trainable_params"],

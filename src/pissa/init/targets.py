@@ -56,6 +56,18 @@ def default_targets(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in linear_modules(model)})
 
 
+def targets_of(config: PissaConfig, model: nn.Module):
+    """--targets, or the default: every linear layer but the output head and the modules to save (a classifier
+    head, trained in full)."""
+    if config.targets is not None:
+        return config.targets
+    if config.modules_to_save:
+        from .heads import body_targets
+
+        return body_targets(model, list(config.modules_to_save), conv=False)
+    return default_targets(model)
+
+
 def lora_config(config: PissaConfig, model: nn.Module, matched: list[str], **moe):
     """The PEFT LoraConfig for `config`; `matched` are the module names it targets. `moe` overrides the
     fields a MoE model sets (target_modules, target_parameters, rank_pattern, alpha_pattern)."""
@@ -65,7 +77,7 @@ def lora_config(config: PissaConfig, model: nn.Module, matched: list[str], **moe
     fields = dict(
         r=config.rank,
         lora_alpha=config.alpha_for(config.rank),
-        target_modules=config.targets if config.targets is not None else default_targets(model),
+        target_modules=targets_of(config, model),
         rank_pattern=dict(config.rank_pattern),
         # alpha = r per layer keeps scale 1 where the rank is overridden, as the paper does.
         alpha_pattern={k: float(r) for k, r in config.rank_pattern.items()} if config.alpha is None else {},
@@ -73,10 +85,18 @@ def lora_config(config: PissaConfig, model: nn.Module, matched: list[str], **moe
         use_rslora=config.use_rslora,
         fan_in_fan_out=any(kind_of(modules[n]) is CONV1D for n in matched),
         init_lora_weights=True,
-        # plain nn.Modules (a small CNN) have no HF config and get no task type
-        task_type="CAUSAL_LM" if is_causal_lm_model(model) else None,
+        modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        task_type=peft_task_type(model),
     )
     return LoraConfig(**{**fields, **moe})
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type: CAUSAL_LM, SEQ_CLS for a sequence classifier (PEFT then also saves its head), else None
+    (a bare encoder, an image classifier, a plain nn.Module with no HF config)."""
+    if is_causal_lm_model(model):
+        return "CAUSAL_LM"
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else None
 
 
 def resolve_targets(model: nn.Module, config: PissaConfig) -> Targets:
@@ -84,7 +104,7 @@ def resolve_targets(model: nn.Module, config: PissaConfig) -> Targets:
     tensors = expert_tensors(model)
     if tensors:
         return resolve_moe(model, config, tensors)
-    targets = config.targets if config.targets is not None else default_targets(model)
+    targets = targets_of(config, model)
     ranks = match_modules(model, config, targets, set())
     if not ranks:
         raise PissaError(

@@ -13,6 +13,9 @@ from ..layout import MODEL_CONFIG_FILE, WEIGHT_SUFFIXES
 from .embedded import EMBEDDED, is_embedded, resolve_embedded
 
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# Architectures that load with their head: the Auto class each suffix of config.architectures stands for.
+HEAD_CLASSES = {"ForSequenceClassification": "AutoModelForSequenceClassification",
+                "ForImageClassification": "AutoModelForImageClassification"}
 
 
 def looks_like_path(spec: str) -> bool:
@@ -65,10 +68,16 @@ def read_config(spec: str | Path, trust_remote_code: bool = False):
 
 
 def model_class(config):
-    """Causal LMs load with their LM head, other architectures (BERT, ...) as the bare AutoModel."""
-    from transformers import AutoModel, AutoModelForCausalLM
+    """Causal LMs load with their LM head, sequence and image classifiers with their classifier head, other
+    architectures (BERT, ...) as the bare AutoModel."""
+    import transformers
 
-    return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    if is_causal_lm(config):
+        return transformers.AutoModelForCausalLM
+    for suffix, auto in HEAD_CLASSES.items():
+        if any(a.endswith(suffix) for a in (config.architectures or [])):
+            return getattr(transformers, auto)
+    return transformers.AutoModel
 
 
 def check_weights(folder: Path) -> None:

@@ -9,6 +9,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.tasks import CAUSAL_LM, get_task
 from ..errors import PissaError, check_number
 from .methods import TRAIN_METHODS, get_train_method
 
@@ -62,6 +63,10 @@ class TrainConfig:
     stage: str = field(default="sft", metadata={
         "help": "sft: supervised, the loss on the answers only (TRL SFTTrainer); dpo: preference tuning on "
                 "prompt/chosen/rejected records against the model before training (TRL DPOTrainer)."})
+    task: str = field(default=CAUSAL_LM, metadata={
+        "help": f"{CAUSAL_LM}: a causal LM (--stage sft/dpo); classify: sequence classification of `text` "
+                "(+ `text_pair`) / `label` records; image-classify: images (a folder tree ROOT/<label>/<image> or an "
+                ".npz of images and labels). Classifiers get a new head, trained in full and saved in the adapter."})
     data: str = field(default="arith", metadata={
         "flags": ("-d",),
         "help": "A .json/.jsonl file (sft: chat `messages`, ShareGPT `conversations`, prompt/completion, Alpaca, "
@@ -132,6 +137,7 @@ class TrainConfig:
         self._check_numbers()
         self._check_init_options()
         self._check_stage()
+        self._check_task()
         if self.scheduler not in schedulers():
             raise PissaError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(schedulers())}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
@@ -168,6 +174,16 @@ class TrainConfig:
         if self.beta is not None and self.stage != "dpo":
             raise PissaError("--beta is DPO's; it applies to --stage dpo only")
         check_number(self.beta, "--beta", above=0)
+
+    def _check_task(self) -> None:
+        """A classifier task trains with a cross-entropy on the head: the LM-only options do not apply."""
+        if get_task(self.task) is None:
+            return
+        lm_only = {"--stage dpo": self.stage == "dpo", "--packing": self.packing, "--padding-free": self.padding_free,
+                   "--train-singular-values": self.train_singular_values}
+        given = [flag for flag, on in lm_only.items() if on]
+        if given:
+            raise PissaError(f"{', '.join(given)}: not for --task {self.task} (they apply to causal LMs); drop them")
 
     @property
     def dpo_beta(self) -> float:

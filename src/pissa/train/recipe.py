@@ -81,9 +81,7 @@ class TrainRecipe:
         check_engine(self.engine, self.config, self.method)
         self.args = self._training_args()
         state = PartialState()  # the process group under torchrun / accelerate launch (a no-op alone)
-        from ..models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(self._tokenizer_source(), required_for="training")
+        self.tokenizer = self._load_processor()
         self.data = self._load_data()  # bad data fails here, before anything is written
         state.wait_for_everyone()  # every rank has checked --out before rank 0 creates it
         fresh = not self.config.resume
@@ -100,6 +98,12 @@ class TrainRecipe:
                 shutil.rmtree(self.out, ignore_errors=True)  # a run that never started leaves nothing behind
             raise
         return self
+
+    def _load_processor(self):
+        """What turns records into model inputs (and is saved beside the weights): the tokenizer."""
+        from ..models import load_tokenizer
+
+        return load_tokenizer(self._tokenizer_source(), required_for="training")
 
     def _check_method_options(self) -> None:
         if self.config.convert_at_end and not self.method.converts:
@@ -183,7 +187,7 @@ class TrainRecipe:
             return self._init_written_first()
         from ..models import load_model
 
-        model, _, self.model_path = load_model(c.model, self.dtype)
+        model, _, self.model_path = load_model(self._model_spec(), self.dtype)
         model.to(self.args.device)  # decompose where the weights will train (GPU when there is one)
         if not self.method.adapter:
             return model.requires_grad_(True)
@@ -191,6 +195,10 @@ class TrainRecipe:
         self.initial_adapter = adapter_state(peft_model)  # conversion to a LoRA needs the starting A, B
         self.initial_config = peft_model.peft_config[ADAPTER_NAME]
         return self._with_singular_values(peft_model)
+
+    def _model_spec(self) -> str:
+        """The model --model initialises from (a classifier task: RUN/base, the model with its new head)."""
+        return self.config.model
 
     def _check_convertible(self) -> None:
         """--convert-at-end: convert the step-0 adapter now (in memory), so that what the conversion after the
@@ -249,7 +257,7 @@ class TrainRecipe:
         written = init_dir.exists()
         state.wait_for_everyone()  # every process has looked before any writes it
         if not written and (state.is_main_process or is_safetensors_folder(resolve_model(self.config.model))):
-            run_init(self.config.model, self.pissa_config(), init_dir.root, dtype=self.dtype)
+            run_init(self._model_spec(), self.pissa_config(), init_dir.root, dtype=self.dtype)
         state.wait_for_everyone()
         return load_init_dir(init_dir.root, self.dtype, self.config.dora, self.args.device)
 
@@ -277,13 +285,9 @@ class TrainRecipe:
     def _trainer(self):
         from transformers import PrinterCallback
 
-        from .log import MetricsLogger, ProgressHook
         from .trainers import build_dpo_trainer, build_sft_trainer
 
-        callbacks = [MetricsLogger(self.out, tensorboard=self.config.tensorboard, stage=self.config.stage)]
-        if self.progress is not None:
-            callbacks.append(ProgressHook(self.progress))
-        callbacks += self.callbacks
+        callbacks = self._callbacks()
         if self.config.stage == "dpo":
             trainer = build_dpo_trainer(self.model, self.data, self.tokenizer, self.args, self.method.adapter,
                                         self.config.train_singular_values, callbacks)
@@ -292,6 +296,15 @@ class TrainRecipe:
             self.data.stats.loss_tokens = sum(sum(t != -100 for t in row) for row in trainer.train_dataset["labels"])
         trainer.remove_callback(PrinterCallback)  # it prints every log dict; our logger and bar replace it
         return trainer
+
+    def _callbacks(self) -> list:
+        """The per-step logger, the progress hook and the caller's callbacks."""
+        from .log import MetricsLogger, ProgressHook
+
+        callbacks = [MetricsLogger(self.out, tensorboard=self.config.tensorboard, stage=self.config.stage)]
+        if self.progress is not None:
+            callbacks.append(ProgressHook(self.progress))
+        return callbacks + self.callbacks
 
     # --- train -----------------------------------------------------------------------------------
 
