@@ -100,25 +100,26 @@ def smollm2_tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-# A fresh process that loads folders with stock transformers + PEFT, never pissa, one request per line on stdin:
-# [base, adapter or "-", tokens.pt, out.pt]. It starts once per session (importing transformers and peft costs
-# ~5 s) and checks at every request that pissa is still not imported; each model is loaded anew from its files.
+# A separate process that loads folders with stock transformers + PEFT, never pissa, one request per line on stdin:
+# [Auto class, [[base, adapter or "-"], ...], inputs.pt, out.pt], inputs being token ids or a dict of model inputs.
+# It starts once per session (importing transformers and peft costs ~5 s), checks at every request that pissa is
+# still not imported, and loads every model anew from its files.
 STOCK_SERVER = r"""
-import json, sys, traceback, torch
-from transformers import AutoModelForCausalLM
+import json, sys, traceback, torch, transformers
 from peft import PeftModel
 for line in sys.stdin:
     model = None
     try:
-        base, adapter, tokens_path, out_path = json.loads(line)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        if adapter != "-":
-            model = PeftModel.from_pretrained(model, adapter)
-        model.eval()
-        with torch.no_grad():
-            logits = model(torch.load(tokens_path, weights_only=True)).logits
+        auto, pairs, inputs_path, out_path = json.loads(line)
+        inputs, out = torch.load(inputs_path, weights_only=True), []
+        for base, adapter in pairs:
+            model = getattr(transformers, auto).from_pretrained(base, dtype=torch.float32)
+            if adapter != "-":
+                model = PeftModel.from_pretrained(model, adapter)
+            with torch.no_grad():
+                out.append((model.eval()(**inputs) if isinstance(inputs, dict) else model.eval()(inputs)).logits)
         assert "pissa" not in sys.modules, "stock loading imported pissa"
-        torch.save(logits, out_path)
+        torch.save(out, out_path)
         reply = "ok"
     except Exception:
         reply = traceback.format_exc()
@@ -128,35 +129,38 @@ for line in sys.stdin:
 
 
 @pytest.fixture(scope="session")
-def stock_process(tmp_path_factory):
+def stock_outputs(tmp_path_factory):
+    """stock_outputs(auto_class, [(base, adapter_or_None), ...], inputs) -> the logits of each pair on `inputs`,
+    computed in a separate process that loads the folders with stock transformers + PEFT only (it asserts pissa
+    was never imported there). One process serves the whole session."""
     import subprocess
     import sys
 
-    cwd = tmp_path_factory.mktemp("stock")
+    folder = tmp_path_factory.mktemp("stock")
     proc = subprocess.Popen([sys.executable, "-c", STOCK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, cwd=cwd)
-    yield proc
+                            text=True, cwd=folder)
+
+    def run(auto: str, pairs, inputs):
+        inputs_path, out_path = folder / "inputs.pt", folder / "logits.pt"
+        torch.save(inputs, inputs_path)
+        request = [auto, [[str(base), str(adapter or "-")] for base, adapter in pairs], str(inputs_path),
+                   str(out_path)]
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+        reply = proc.stdout.readline()
+        assert reply, f"the stock-loading process died (exit {proc.poll()})"
+        assert json.loads(reply) == "ok", json.loads(reply)
+        return torch.load(out_path, weights_only=True)
+
+    yield run
     proc.stdin.close()
     proc.wait(timeout=60)
 
 
 @pytest.fixture
-def stock_logits(tmp_path, stock_process):
-    """stock_logits(base_dir, adapter_dir_or_None, tokens): logits computed in a separate process that loads the
-    folders with stock transformers + PEFT only (it asserts pissa was never imported there)."""
-
-    def run(base, adapter, tokens):
-        tokens_path, out_path = tmp_path / "stock_tokens.pt", tmp_path / "stock_logits.pt"
-        torch.save(tokens, tokens_path)
-        request = [str(base), str(adapter or "-"), str(tokens_path), str(out_path)]
-        stock_process.stdin.write(json.dumps(request) + "\n")
-        stock_process.stdin.flush()
-        reply = stock_process.stdout.readline()
-        assert reply, f"the stock-loading process died (exit {stock_process.poll()})"
-        assert json.loads(reply) == "ok", json.loads(reply)
-        return torch.load(out_path, weights_only=True)
-
-    return run
+def stock_logits(stock_outputs):
+    """stock_logits(base_dir, adapter_dir_or_None, tokens): a causal LM's logits from the stock-loading process."""
+    return lambda base, adapter, tokens: stock_outputs("AutoModelForCausalLM", [(base, adapter)], tokens)[0]
 
 
 @pytest.fixture(scope="module")

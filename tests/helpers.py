@@ -433,35 +433,3 @@ def build_tiny_vit(seed: int = 0, num_labels: int | None = None):
     config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
                        num_attention_heads=4, intermediate_size=64, num_labels=num_labels or 2)
     return (ViTForImageClassification(config) if num_labels else ViTModel(config)).eval()
-
-
-STOCK_CLASSIFIER_SCRIPT = r"""
-import sys, torch, transformers
-auto, pairs, inputs_path, out_path = sys.argv[1:5]
-inputs, out = torch.load(inputs_path, weights_only=True), []
-for pair in pairs.split(";"):
-    base, adapter = pair.split(",")
-    model = getattr(transformers, auto).from_pretrained(base, dtype=torch.float32)
-    if adapter != "-":
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter)
-    with torch.no_grad():
-        out.append(model.eval()(**inputs).logits)
-assert "pissa" not in sys.modules, "stock loading imported pissa"
-torch.save(out, out_path)
-"""
-
-
-def stock_classifier_logits(folder: Path, auto: str, pairs: list[tuple[Path, Path | None]], inputs: dict) -> list:
-    """Each (base, adapter or None)'s logits on `inputs`, computed in one fresh process with stock transformers
-    (`auto`, an Auto class name) + PEFT only; it asserts pissa was never imported (`stock_logits` for classifiers)."""
-    import subprocess
-    import sys
-
-    inputs_path, out_path = folder / "stock_inputs.pt", folder / "stock_logits.pt"
-    torch.save(inputs, inputs_path)
-    spec = ";".join(f"{base},{adapter or '-'}" for base, adapter in pairs)
-    done = subprocess.run([sys.executable, "-c", STOCK_CLASSIFIER_SCRIPT, auto, spec, str(inputs_path), str(out_path)],
-                          capture_output=True, text=True, cwd=folder)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out_path, weights_only=True)

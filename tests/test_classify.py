@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from helpers import build_tiny_bert, build_tiny_vit, sentiment_records, stock_classifier_logits, word_tokenizer
+from helpers import build_tiny_bert, build_tiny_vit, sentiment_records, word_tokenizer
 from pissa.cli import app
 from pissa.convert import convert_to_lora, merge_adapter
 from pissa.data.labels import encode_texts, read_labelled_texts
@@ -105,16 +105,16 @@ def test_pissa_leaves_the_logits_unchanged_at_init(inputs, tmp_path, kind):
 
 
 @pytest.fixture(scope="module")
-def stock(trained, tmp_path_factory):
-    """Per kind, in one fresh stock process: the residual + trained adapter, the converted LoRA on the run's
-    original model (RUN/base), and the merged model."""
+def stock(trained, tmp_path_factory, stock_outputs):
+    """Per kind, from the stock-loading process (conftest): the residual + trained adapter, the converted LoRA on the
+    run's original model (RUN/base), and the merged model."""
     out = {}
     for kind, t in trained.items():
         run, folder = t["run"], tmp_path_factory.mktemp(f"converted-{kind}")
         convert_to_lora(run / "adapter", run / "init", folder / "lora")
         merge_adapter(folder / "lora", run / "base", folder / "merged")
         pairs = [(run / "residual", run / "adapter"), (run / "base", folder / "lora"), (folder / "merged", None)]
-        logits = stock_classifier_logits(folder, AUTO[kind], pairs, t["batch"])
+        logits = stock_outputs(AUTO[kind], pairs, t["batch"])
         out[kind] = {"folder": folder, **dict(zip(["trained", "converted", "merged"], logits, strict=True))}
     return out
 
