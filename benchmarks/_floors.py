@@ -35,13 +35,18 @@ try:
 except ImportError:  # trees before init/weights.py
     from pissa.init.layers import decompose_weight
 config = PissaConfig(rank=int(sys.argv[2]), options={"niter": int(sys.argv[3])})
+try:  # as the streaming init decomposes: one reused fp32 copy (trees before it allocate one per weight)
+    from pissa.decompose import reused_fp32_copies
+except ImportError:
+    from contextlib import nullcontext as reused_fp32_copies
 plan = make_plan(sys.argv[1], config)
 total = 0.0
-for key, target in plan.targets.items():
-    W = target.kind.to_matrix(plan.reader.read([key])[key])  # (out, in), read outside the clock
-    start = time.perf_counter()
-    decompose_weight(W, target.module, config, target.rank, target.scale)
-    total += time.perf_counter() - start
+with reused_fp32_copies():
+    for key, target in plan.targets.items():
+        W = target.kind.to_matrix(plan.reader.read([key])[key])  # (out, in), read outside the clock
+        start = time.perf_counter()
+        decompose_weight(W, target.module, config, target.rank, target.scale)
+        total += time.perf_counter() - start
 print(json.dumps({"decompose_only_s": total, "weights": len(plan.targets)}))
 """
 

@@ -64,6 +64,35 @@ def test_overlap_changes_no_bits(sharded_dir, tmp_path, monkeypatch):
            {k: {f: v for f, v in i.items() if f not in drop} for k, i in sequential.manifest["layers"].items()}
 
 
+@pytest.mark.parametrize("method, options", [("pissa", {"niter": 2}), ("pissa", {}), ("robust", {"max_iter": 3})],
+                         ids=["randomized", "exact", "robust"])
+def test_several_weights_at_once_change_no_bits(sharded_dir, tmp_path, monkeypatch, method, options):
+    """With two torch threads, two weights decompose at once (one thread each) in decompose worker threads; the
+    files equal a run on one thread byte for byte, and the in-memory path on two threads gives the same tensors."""
+    import threading
+
+    from pissa.decompose import base
+
+    config = PissaConfig(rank=4, method=method, options=options, seed=3)
+    real, workers = base.decompose, set()
+
+    def decompose(*args, **kwargs):
+        workers.add((threading.current_thread().name, torch.get_num_threads()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(base, "decompose", decompose)
+    monkeypatch.setattr("pissa.init.weights.decompose", decompose)
+    torch.set_num_threads(2)  # the module runs on one thread (one_thread fixture), which restores it
+    run_init(str(sharded_dir), config, tmp_path / "two")
+    assert {name.split("_")[0] for name, _ in workers} == {"decompose"} and {n for _, n in workers} == {1}
+    memory = run_init(str(sharded_dir), config, tmp_path / "memory", stream=False)
+    torch.set_num_threads(1)
+    run_init(str(sharded_dir), config, tmp_path / "one")
+    assert_same_files(tmp_path / "two", tmp_path / "one")
+    assert_same_output(tmp_path / "two", tmp_path / "memory")
+    assert memory.manifest["layers"].keys() == json.loads((tmp_path / "two/pissa.json").read_text())["layers"].keys()
+
+
 def test_a_budget_smaller_than_any_tensor_reads_one_at_a_time_and_changes_nothing(sharded_dir, tmp_path,
                                                                                  monkeypatch):
     """The reader never holds more than the budget in flight, except one tensor alone when it is larger."""

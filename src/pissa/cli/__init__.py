@@ -48,4 +48,10 @@ set_metavars(app)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # The interpreter's shutdown runs full garbage collections over the millions of objects torch, transformers
+        # and peft created: a second of waiting after the command is done. Frozen objects are not collected (the
+        # process is ending; atexit handlers and finalizers still run).
+        gc.freeze()

@@ -17,6 +17,7 @@ from .base import (
     layer_seed,
     make_options,
     register,
+    reused_fp32_copies,
 )
 from .linalg import balanced, factored_svd, lora_scale
 from .svd import randomized_svd
@@ -37,4 +38,5 @@ __all__ = [
     "make_options",
     "randomized_svd",
     "register",
+    "reused_fp32_copies",
 ]

@@ -11,12 +11,13 @@ their storage dtypes, and the reconstruction error is measured after that cast.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
 import typing
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -143,7 +144,7 @@ def decompose(
     """
     m, opts = checked(method, options, [W], rank, scale, [name])
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    W32 = W.detach().to(torch.float32)  # (out, in)
+    W32 = as_float32(W.detach())  # (out, in)
     B, A, info = m.fn(W32, rank, opts, generator)  # (out, r), (r, in)
     return finish(m, W32[None], B[None], A[None], [info], rank, scale, adapter_dtype, residual_dtype or W.dtype)[0]
 
@@ -228,15 +229,43 @@ def finish(m: Method, W32: torch.Tensor, B: torch.Tensor, A: torch.Tensor, infos
 _SCRATCH = threading.local()
 
 
-def scratch(numel: int, device: torch.device) -> torch.Tensor:
-    """A reused fp32 CPU buffer of `numel` entries for this thread (a fresh tensor on other devices, whose
-    allocators cache): a freshly allocated chunk buffer cost more in page faults than the chunk's work."""
+def scratch(numel: int, device: torch.device, slot: str = "chunk") -> torch.Tensor:
+    """A reused fp32 CPU buffer of `numel` entries for this thread and `slot` (a fresh tensor on other devices,
+    whose allocators cache): a freshly allocated chunk buffer cost more in page faults than the chunk's work."""
     if device.type != "cpu":
         return torch.empty(numel, device=device)
-    buffer = getattr(_SCRATCH, "buffer", None)
+    buffer = getattr(_SCRATCH, slot, None)
     if buffer is None or buffer.numel() < numel:
-        buffer = _SCRATCH.buffer = torch.empty(max(numel, CHUNK_BYTES // 4))
+        buffer = torch.empty(max(numel, CHUNK_BYTES // 4))
+        setattr(_SCRATCH, slot, buffer)
     return buffer[:numel]
+
+
+_REUSING = threading.Event()  # set inside `reused_fp32_copies`, for every thread (the buffers are per thread)
+
+
+@contextlib.contextmanager
+def reused_fp32_copies() -> Iterator[None]:
+    """Within the block, `decompose` copies each non-fp32 W into one reused fp32 buffer per thread instead of a
+    fresh tensor: a streaming init decomposes hundreds of weights one after another, and each fresh fp32 copy costs
+    the kernel a page fault and a zeroed page per 4 KB of it (a 4 GB bf16 checkpoint: 8 GB of fresh pages). The copy
+    starts at the buffer's start, so its alignment, and with it every bit, is unchanged. On exit this thread's
+    buffer is freed; a worker thread's goes with the thread."""
+    _REUSING.set()
+    try:
+        yield
+    finally:
+        _REUSING.clear()
+        _SCRATCH.matrix = None
+
+
+def as_float32(W: torch.Tensor) -> torch.Tensor:
+    """W in fp32: W itself if it is fp32, else a copy (into the reused buffer inside `reused_fp32_copies`)."""
+    if W.dtype == torch.float32:
+        return W
+    if not _REUSING.is_set() or W.device.type != "cpu":
+        return W.to(torch.float32)
+    return scratch(W.numel(), W.device, "matrix").view(W.shape).copy_(W)  # never outlives the decompose call
 
 
 def residual_chunks_(residual: torch.Tensor, W: torch.Tensor, B: torch.Tensor, A: torch.Tensor,

@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import PissaError
 from ..layout import kind_of
 from ..models import check_not_quantized
+from .concurrent import OrderedWork
 from .config import PissaConfig
 from .expert_layers import check_expert_weights, check_wrapped, init_experts_
 from .experts import pattern_warnings_checked
@@ -68,12 +69,14 @@ def init_model(
     with pattern_warnings_checked(peft_config.target_parameters):
         peft_model = get_peft_model(model, peft_config)
     check_wrapped(peft_model, targets)
-    report, total = {}, len(targets.modules) + len(targets.experts)
+    total = len(targets.modules) + len(targets.experts)
     modules = dict(peft_model.base_model.model.named_modules())
-    for done, name in enumerate(targets.modules, 1):
-        report[name] = init_layer_(modules[name], name, config)
+
+    def layer_done(done: int, name: str) -> None:
         if progress:
             progress(done, total, name)
+
+    report = init_layers_(modules, list(targets.modules), config, layer_done)
     for done, t in enumerate(targets.experts.values(), len(targets.modules) + 1):
         report[t.adapter_module] = init_experts_(modules[t.adapter_module], t, config, ADAPTER_NAME)
         if progress:
@@ -98,14 +101,42 @@ def refresh_dora_magnitude_(peft_model) -> None:
 @torch.no_grad()
 def init_layer_(layer, name: str, config: PissaConfig) -> dict:
     """Decompose one PEFT LoRA layer's base weight in place; returns its info."""
+    factors, seconds = timed_factors(layer, name, config)
+    return set_layer_(layer, factors, seconds)
+
+
+@torch.no_grad()
+def init_layers_(modules: dict, names: list[str], config: PissaConfig, progress: Callable[[int, str], None]) -> dict:
+    """`init_layer_` (in place) of each named PEFT LoRA layer, several at once on the CPU (`init.concurrent`), each
+    set and reported in order; returns name -> info."""
+    report = {}
+
+    def take(name: str, result) -> None:
+        report[name] = set_layer_(modules[name], *result)
+        progress(len(report), name)
+
+    on_cpu = all(modules[n].get_base_layer().weight.device.type == "cpu" for n in names)
+    with OrderedWork(torch.get_num_threads() if on_cpu else 1, take) as work:
+        for name in names:
+            work.take_result(name, work.submit(lambda n=name: [timed_factors(modules[n], n, config)]), 0)
+        work.close()
+    return report
+
+
+def timed_factors(layer, name: str, config: PissaConfig):
+    """(Factors of the layer's base weight, seconds taken): the decomposition alone, no layer changed."""
     start = time.perf_counter()
-    base = layer.get_base_layer()
-    kind = kind_of(base)
-    W = kind.to_matrix(base.weight)  # (out, in)
+    W = kind_of(layer.get_base_layer()).to_matrix(layer.get_base_layer().weight)  # (out, in)
     factors = decompose_weight(W, name, config, layer.r[ADAPTER_NAME], layer.scaling[ADAPTER_NAME])
+    return factors, time.perf_counter() - start
+
+
+def set_layer_(layer, factors, seconds: float) -> dict:
+    """Put the factors into the PEFT layer and the residual into its base (in place); returns the layer's info."""
+    base = layer.get_base_layer()
     set_factors_(layer, factors.A, factors.B)  # A (r, in), B (out, r)
-    base.weight.data = kind.from_matrix(factors.residual, base.weight.shape)
-    return {**factors.info, "seconds": time.perf_counter() - start}
+    base.weight.data = kind_of(base).from_matrix(factors.residual, base.weight.shape)
+    return {**factors.info, "seconds": seconds}
 
 
 def residual_state_dict(peft_model) -> dict[str, torch.Tensor]:

@@ -148,9 +148,9 @@ class ShardIO:
             self.writer.write(name, tensor)
             unsynced += tensor.numel() * tensor.element_size()
             del tensor
-            if unsynced >= SYNC_BYTES:  # this thread waits for the disk, not the decomposition
-                self.writer.sync()
-                unsynced = 0
             with self.lock:
                 held = self.held.pop(name, 0)
-            self.budget.release(held)
+            self.budget.release(held)  # its bytes are in the page cache now: the reader may go on
+            if SYNC_BYTES and unsynced >= SYNC_BYTES:  # this thread waits for the disk, not the decomposition
+                self.writer.sync()
+                unsynced = 0

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ..decompose import reused_fp32_copies
 from ..errors import PissaError
 from ..io.reader import CODES, CheckpointError, ShardHeader, TensorEntry, read_slice
 from ..io.writer import ShardWriter, layout, os_error, write_tensors
 from ..layout import ADAPTER_DIR, LINEAR, RESIDUAL_DIR, embedding_base_key
+from .concurrent import OrderedWork
 from .config import PissaConfig
 from .pipeline import ShardIO
 from .plan import Target
@@ -38,7 +40,7 @@ class ShardJob:
     config: PissaConfig
     work: Path  # the work folder that becomes OUT
     device: str
-    threads: int  # torch threads; LAPACK results depend on it, so every worker uses the same count
+    threads: int  # weights decomposed at once on the CPU, each on one torch thread (results do not depend on it)
     batch_bytes: int = 0  # fp32 bytes of same-shape weights decomposed in one batched call; 0: one at a time
     casts: dict[str, torch.dtype] = field(default_factory=dict)  # --dtype: tensor name -> dtype it is cast to
     overlap: bool = True  # read ahead and write behind in threads (False: one thing at a time; same bits)
@@ -142,9 +144,9 @@ def return_big_frees_to_os() -> None:
 def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Write `job.shard`'s residual shard, adapter part and completion record; returns layer infos.
 
-    Reads run ahead and writes run behind the decomposition in threads (`init.pipeline.ShardIO`), within a
-    byte budget of one batch plus one of the shard's largest targeted tensors (`read_order`)."""
-    torch.set_num_threads(job.threads)
+    Reads run ahead and writes run behind the decompositions in threads (`init.pipeline.ShardIO`), within a byte
+    budget (`read_order`); on the CPU `job.threads` weights decompose at once, one torch thread each, and reach the
+    writer in file order (`init.concurrent`)."""
     return_big_frees_to_os()
     residual_path = job.work / RESIDUAL_DIR / job.shard
     out_entries = layout([(t.name, CODES[job.casts[t.name]] if t.name in job.casts else t.dtype, t.shape)
@@ -155,38 +157,15 @@ def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> d
     # A fused expert tensor is read and written one expert at a time by the main thread (decompose_fused):
     # it stays out of the read-ahead, and a shard holding one runs its reads and writes in order.
     fused = {e.name for e in job.entries if e.name in job.targets and is_fused(job.targets[e.name])}
-    order, budget = read_order(tuple(e for e in job.entries if e.name not in fused), job.targets, batches)
-    ahead: dict[str, tuple] = {}  # results of batch members decomposed before their turn to be written
+    workers = job.threads if job.device == "cpu" and not fused else 1  # a GPU takes one weight (or batch) at a time
+    order, budget = read_order(tuple(e for e in job.entries if e.name not in fused), job.targets, batches, workers)
     try:
         with open(src, "rb") as f, ShardWriter(residual_path, out_entries, job.header.metadata) as w, \
-                ShardIO(f, job.header, order, w, budget, job.overlap and not fused) as io:
-            for entry in job.entries:
-                target = job.targets.get(entry.name)
-                if target is not None and is_fused(target):  # all experts in one tensor: one expert at a time
-                    for residual, parts, infos in decompose_fused(f, job.header, entry, target, job.config,
-                                                                  job.device):
-                        w.write_rows(entry.name, residual)
-                        factors.update(parts)
-                        layers.update(infos)
-                    if progress:
-                        progress(target.module)
-                    continue
-                if target is None:
-                    tensor = cast(io.get(entry.name), job.casts.get(entry.name))
-                else:
-                    if entry.name not in ahead:  # the first of its batch: read and decompose them all
-                        names = batches[entry.name]
-                        stored = [cast(io.get(n), job.casts.get(n)) for n in names]
-                        results = decompose_targets(stored, [job.targets[n] for n in names], job.config, job.device)
-                        del stored
-                        ahead.update(zip(names, results, strict=True))
-                        del results  # `ahead` holds them until written: nothing else may (see ShardIO's budget)
-                    tensor, parts, layers[target.module] = ahead.pop(entry.name)
-                    factors.update(parts)
-                    if progress:
-                        progress(target.module)
-                io.put(entry.name, tensor)
-                del tensor
+                ShardIO(f, job.header, order, w, budget, job.overlap and not fused) as io, reused_fp32_copies():
+            if fused:
+                transform_in_order(job, f, w, io, batches, factors, layers, progress)
+            else:
+                transform_concurrently(job, io, batches, factors, layers, progress, workers)
             io.close()
     except OSError as e:
         if isinstance(e, PissaError):
@@ -197,16 +176,80 @@ def run_shard(job: ShardJob, progress: Callable[[str], None] | None = None) -> d
     return layers
 
 
+def transform_concurrently(job: ShardJob, io: ShardIO, batches: dict[str, list[str]], factors: dict, layers: dict,
+                           progress: Callable[[str], None] | None, workers: int) -> None:
+    """Every tensor of the shard through `io`: targets decomposed `workers` at a time (a batch in one call), the
+    rest copied through, each written in file order once what comes before it is."""
+    def take(name: str, value) -> None:  # on the committing thread, in file order
+        target = job.targets.get(name)
+        if target is not None:
+            value, parts, layers[target.module] = value
+            factors.update(parts)
+            if progress:
+                progress(target.module)
+        io.put(name, value)
+
+    with OrderedWork(workers, take) as work:
+        started: dict[str, tuple] = {}  # batch member -> (its batch's future, its index in the batch)
+        for entry in job.entries:
+            if entry.name not in job.targets:
+                work.put(entry.name, cast(io.get(entry.name), job.casts.get(entry.name)))
+                continue
+            names = batches[entry.name]
+            if entry.name not in started:  # the first of its batch: read and submit them all
+                stored = [cast(io.get(n), job.casts.get(n)) for n in names]
+                future = work.submit(decompose_targets, stored, [job.targets[n] for n in names], job.config,
+                                     job.device)
+                started.update({n: (future, i) for i, n in enumerate(names)})
+                del stored  # the future holds them until decomposed: nothing else may (see ShardIO's budget)
+            future, index = started.pop(entry.name)
+            work.take_result(entry.name, future, index)
+        work.close()
+
+
+def transform_in_order(job: ShardJob, f, w: ShardWriter, io: ShardIO, batches: dict[str, list[str]], factors: dict,
+                       layers: dict, progress: Callable[[str], None] | None) -> None:
+    """`transform_concurrently` one thing at a time on this thread, for a shard that holds a fused expert tensor,
+    whose experts are read and written one at a time (`decompose_fused`)."""
+    ahead: dict[str, tuple] = {}  # results of batch members decomposed before their turn to be written
+    for entry in job.entries:
+        target = job.targets.get(entry.name)
+        if target is not None and is_fused(target):  # all experts in one tensor: one expert at a time
+            for residual, parts, infos in decompose_fused(f, job.header, entry, target, job.config, job.device):
+                w.write_rows(entry.name, residual)
+                factors.update(parts)
+                layers.update(infos)
+            if progress:
+                progress(target.module)
+            continue
+        if target is None:
+            tensor = cast(io.get(entry.name), job.casts.get(entry.name))
+        else:
+            if entry.name not in ahead:  # the first of its batch: read and decompose them all
+                names = batches[entry.name]
+                stored = [cast(io.get(n), job.casts.get(n)) for n in names]
+                results = decompose_targets(stored, [job.targets[n] for n in names], job.config, job.device)
+                del stored
+                ahead.update(zip(names, results, strict=True))
+                del results  # `ahead` holds them until written: nothing else may (see ShardIO's budget)
+            tensor, parts, layers[target.module] = ahead.pop(entry.name)
+            factors.update(parts)
+            if progress:
+                progress(target.module)
+        io.put(entry.name, tensor)
+        del tensor
+
+
 def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor if dtype is None else tensor.to(dtype)
 
 
 def read_order(entries: tuple[TensorEntry, ...], targets: dict[str, Target],
-               batches: dict[str, list[str]]) -> tuple[list[TensorEntry], int]:
+               batches: dict[str, list[str]], workers: int = 1) -> tuple[list[TensorEntry], int]:
     """The order `run_shard` asks for tensors (file order, a batch's members together at its first), and the
-    read-ahead budget in bytes: the largest batch plus one largest targeted tensor (at least 32 MB). While
-    a weight decomposes, the last residual is written and then the next weight read; a third tensor's
-    worth bought no overlap and cost its memory (peak RSS is the goal that binds at 1 GB)."""
+    read-ahead budget in bytes: a batch per decomposition that may be unfinished or untaken (`workers` + 1),
+    plus one largest targeted tensor (at least 32 MB). While the weights decompose, the last residuals are
+    written and the next weights read; more bought no overlap and cost memory (peak RSS binds at 1 GB)."""
     by_name = {e.name: e for e in entries}
     order, seen = [], set()
     for e in entries:
@@ -216,7 +259,7 @@ def read_order(entries: tuple[TensorEntry, ...], targets: dict[str, Target],
                 order.append(by_name[name])
     largest = max((e.nbytes for e in entries if e.name in targets), default=0)
     batch = max((sum(by_name[n].nbytes for n in names) for names in batches.values()), default=0)
-    return order, max(batch + largest, 32 << 20)
+    return order, max((workers + 1) * batch + largest, 32 << 20)
 
 
 def write_record(path: Path, layers: dict[str, dict]) -> None:

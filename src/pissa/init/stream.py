@@ -74,7 +74,7 @@ class StreamStats:
     world_size: int
     device: str
     batch_bytes: int  # 0: one weight at a time
-    threads: int  # torch threads of each worker
+    threads: int  # weights each worker decomposes at once (one torch thread each)
     cast: str | None = None  # --dtype: the dtype float tensors were cast to as they streamed
 
 
@@ -83,12 +83,13 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def fingerprint(plan: Plan, config: PissaConfig, device: str, threads: int, batch_bytes: int) -> dict:
-    """What must match for finished shards to be reused: inputs, settings, and what affects bits."""
+def fingerprint(plan: Plan, config: PissaConfig, device: str, batch_bytes: int) -> dict:
+    """What must match for finished shards to be reused: inputs, settings, and what affects bits (not the thread
+    count: a CPU decomposition runs on one torch thread whatever it is, `init.weights`)."""
     shards = {s: [h.path.stat().st_size, h.path.stat().st_mtime_ns] for s, h in plan.reader.headers.items()}
     casts = {name: dtype_name(d) for name, d in plan.casts.items()}
     return {"source": str(plan.reader.folder.resolve()), "shards": shards, "config": config.to_dict(),
-            "device": device, "threads": threads, "batch_bytes": batch_bytes, "casts": casts, "versions": versions()}
+            "device": device, "batch_bytes": batch_bytes, "casts": casts, "versions": versions()}
 
 
 def batch_size_bytes(batch: bool | None, device: str) -> int:
@@ -175,7 +176,7 @@ def stream_init(
     threads = torch.get_num_threads()
     work = work_dir_for(out)
     batch_bytes = batch_size_bytes(options.batch, device)
-    state = fingerprint(plan, config, device.split(":")[0], threads, batch_bytes)
+    state = fingerprint(plan, config, device.split(":")[0], batch_bytes)
     resumed = prepare_work(work, state, options.resume) if ranks.is_main else 0
     ranks.barrier()
     # Split all shards (not just the unfinished ones), so every rank sees the same split even while
