@@ -2,7 +2,8 @@
 
 - copy: copying the checkpoint's shard files (read + write + fsync, as the shard writer does): the I/O alone;
 - decompose-only: every weight `pissa init` targets, decomposed as it does it (`decompose_weight`, the same
-  settings and threads), each read beforehand and outside the clock: the init's compute with no I/O.
+  settings, several at once where the tree does that), all read beforehand, outside the clock: the init's
+  compute with no I/O.
 
 `pythonpath` picks the source tree that is measured (another checkout's `src`, for a before/after)."""
 
@@ -28,6 +29,7 @@ print(json.dumps({"copy_s": time.perf_counter() - start}))
 
 DECOMPOSE_ONLY = r"""
 import json, sys, time
+import torch
 from pissa.init import PissaConfig
 from pissa.init.plan import make_plan
 try:
@@ -35,19 +37,25 @@ try:
 except ImportError:  # trees before init/weights.py
     from pissa.init.layers import decompose_weight
 config = PissaConfig(rank=int(sys.argv[2]), options={"niter": int(sys.argv[3])})
-try:  # as the streaming init decomposes: one reused fp32 copy (trees before it allocate one per weight)
-    from pissa.decompose import reused_fp32_copies
-except ImportError:
-    from contextlib import nullcontext as reused_fp32_copies
 plan = make_plan(sys.argv[1], config)
-total = 0.0
-with reused_fp32_copies():
-    for key, target in plan.targets.items():
-        W = target.kind.to_matrix(plan.reader.read([key])[key])  # (out, in), read outside the clock
-        start = time.perf_counter()
-        decompose_weight(W, target.module, config, target.rank, target.scale)
-        total += time.perf_counter() - start
-print(json.dumps({"decompose_only_s": total, "weights": len(plan.targets)}))
+read = plan.reader.read(list(plan.targets))
+weights = [(plan.targets[k].kind.to_matrix(W), plan.targets[k]) for k, W in read.items()]
+try:  # as the streaming init decomposes them: several at once, one reused fp32 copy each
+    from pissa.decompose import reused_fp32_copies
+    from pissa.init.concurrent import OrderedWork
+except ImportError:  # trees before: one at a time, on the process's threads
+    OrderedWork = None
+start = time.perf_counter()
+if OrderedWork is None:
+    for W, t in weights:
+        decompose_weight(W, t.module, config, t.rank, t.scale)
+else:
+    with reused_fp32_copies(), OrderedWork(torch.get_num_threads(), lambda key, result: None) as work:
+        for W, t in weights:
+            work.take_result(t.module, work.submit(lambda W=W, t=t: [decompose_weight(W, t.module, config, t.rank,
+                                                                                       t.scale)]), 0)
+        work.close()
+print(json.dumps({"decompose_only_s": time.perf_counter() - start, "weights": len(weights)}))
 """
 
 
