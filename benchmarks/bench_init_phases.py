@@ -63,9 +63,9 @@ def timed(fn, phase, on_call=None):
             return fn(*args, **kwargs)
         finally:
             wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            thread = threading.current_thread().name.split("_")[0].split(" ")[0]  # decompose_0 -> decompose
             with LOCK:
-                row = PHASES.setdefault(phase, {"thread": threading.current_thread().name, "calls": 0,
-                                                "wall_s": 0.0, "cpu_s": 0.0})
+                row = PHASES.setdefault(phase, {"thread": thread, "calls": 0, "wall_s": 0.0, "cpu_s": 0.0})
                 row["calls"] += 1; row["wall_s"] += wall; row["cpu_s"] += cpu
     return wrapper
 
@@ -154,7 +154,8 @@ def report(runs: dict) -> str:
         "",
         f"Written by `benchmarks/bench_init_phases.py`: `pissa init CKPT --rank {RANK} --niter {NITER}` (streaming, "
         "the command line) in a fresh process, each phase timed inside the function that does it: wall time, and "
-        "the CPU time of the thread that ran it. Phases nest (`transform, whole` holds the reads, decompositions "
+        "the CPU time of the thread that ran it (summed over the threads of one kind: `decompose` is every "
+        "decomposition worker). Phases nest (`transform, whole` holds the reads, decompositions "
         "and writes; `decompose, whole` holds the SVD and the residual) and the reader and writer threads overlap "
         "the main thread, so the rows do not add up to the wall. Floors measured in the same run: copying the "
         "shard files with fsync, and every targeted weight decomposed with no I/O.",
