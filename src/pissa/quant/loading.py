@@ -96,8 +96,8 @@ def load_kwargs(residual_dir: str | Path) -> dict:
 CPU_KERNEL_NOTICE = (
     "4-bit layers compute as dequantize + fp32 matmul on this CPU, exactly as the adapter was fitted: "
     "bitsandbytes' bf16 CPU kernel is turned off, because it rounds weights and inputs to bf16 and, once used "
-    "in an eval pass, passes no gradient to earlier layers; it costs speed only (single-token decoding is "
-    "about 3x slower than with that kernel, batched forwards about the same)"
+    "in an eval pass, passes no gradient to earlier layers; what it costs: one-token decoding is 2.5-5x slower per "
+    "layer than with that kernel, batches of prompts are 2x faster (benchmarks/results/cpu_4bit.md)"
 )
 
 
