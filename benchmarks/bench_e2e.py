@@ -103,6 +103,11 @@ def read(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
     return CheckpointReader(folder).read(names)
 
 
+def percent(excess: float) -> str:
+    """The excess as a percentage, a dash for a run that writes no residual."""
+    return "—" if math.isnan(excess) else f"{excess * 100:.4f}%"
+
+
 def sample_excess(src: Path, out: Path, floors: dict[str, float]) -> float:
     residual = read(out / "residual", list(floors))
     total = math.sqrt(sum(residual[n].double().norm().item() ** 2 for n in floors))
@@ -173,7 +178,7 @@ def report(results: list[dict], args) -> str:
         rows, peft = res["rows"], res["rows"][peft_label]
         for label, r in rows.items():
             lines.append(f"| {res['gb']:.2f} GB ({res['layers']} layers) | {label} | {r['wall_s']:.1f} s | "
-                         f"{r['peak_rss'] / 1e9:.2f} GB | {r['excess'] * 100:.4f}% | "
+                         f"{r['peak_rss'] / 1e9:.2f} GB | {percent(r['excess'])} | "
                          f"{r['wall_s'] / peft['wall_s']:.2f} | {r['peak_rss'] / peft['peak_rss']:.2f} |")
         v = verdict(rows, peft_label)
         goal = WALL_GOAL_SMALL if res["gb"] < 2 else WALL_GOAL_LARGE
