@@ -32,9 +32,10 @@ demo: $(STAMP)
 	$(BIN)/pissa demo --out demo-report --overwrite
 
 # Two workers, one per core (tests/conftest.py gives each one torch thread); a module's tests stay in one worker,
-# so its module-scoped fixtures are built once.
+# so its module-scoped fixtures are built once. Modules go out in collection order, where conftest puts the
+# ones marked `long` first, so that neither worker is left running one of them at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 # The suite against the newest releases pyproject.toml's ranges allow (torch stays 2.13.0: a newer one is a
 # CUDA build of several GB on a CPU machine), in its own venv, so drift is found on purpose.
@@ -42,7 +43,7 @@ test-latest:
 	rm -rf .venv-latest
 	$(call install,.venv-latest,--upgrade --upgrade-strategy eager)
 	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/versions.txt
-	.venv-latest/bin/python -m pytest -q -n 2 --dist loadscope
+	.venv-latest/bin/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 # Re-resolve the newest versions the ranges allow in a scratch venv and write them to the lock.
 lock:

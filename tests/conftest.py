@@ -32,6 +32,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """The modules marked `long` first, each in its own order: `make test` hands modules to its two workers in
+    collection order (--no-loadscope-reorder), so the long ones start early and the short ones even out the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny-model tests: tiny matmuls gain nothing from threads, and on

@@ -22,7 +22,7 @@ from pissa.convert.inputs import layer_scale
 from pissa.errors import PissaError
 from pissa.io.adapter_files import lora_pairs, read_adapter, write_adapter
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.long]  # conftest: tiny models, one thread
 
 
 # --- helpers shared with test_merge.py ------------------------------------------------------------

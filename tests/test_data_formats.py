@@ -22,7 +22,7 @@ from pissa.data.tokens import IGNORE_INDEX, encode, render_prompt
 from pissa.errors import PissaError
 from pissa.train import TrainConfig, TrainRecipe
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.long]
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -48,7 +48,7 @@ LAUNCHED = Path(__file__).parent / "distributed_launch.py"
 UPDATE_RTOL = 1e-3  # derived in the module docstring
 ZERO2 = {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}  # what `accelerate launch ... --zero_stage 2` sets
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.long]
 
 
 @pytest.fixture(scope="module")

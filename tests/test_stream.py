@@ -22,6 +22,8 @@ from pissa.io.reader import CheckpointError
 from pissa.io.writer import DiskFullError, ShardWriter
 from pissa.layout import INDEX_FILE
 
+pytestmark = pytest.mark.long
+
 CONFIG = PissaConfig(rank=4, alpha=8, rank_pattern={"q_proj": 8}, options={"niter": 2}, seed=3)
 
 

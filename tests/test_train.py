@@ -27,7 +27,7 @@ from pissa.train.log import read_log
 TESTS = Path(__file__).parent
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.long]  # conftest: tiny models, one thread
 
 
 # --- every method trains ---------------------------------------------------------------------------

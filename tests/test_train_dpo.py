@@ -17,7 +17,7 @@ from pissa.errors import PissaError
 from pissa.train import TrainConfig, TrainRecipe
 from pissa.train.log import read_log
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.long]
 
 
 def dpo_config(tmp_path, tiny_dir, prefs_file, name="run", **kw):

@@ -89,6 +89,8 @@ def _root() -> None:
     # Our own progress bars replace transformers' per-file ones.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    # pissa's warnings say where a command did other than asked: shown even under PYTHONWARNINGS=ignore or -W ignore.
+    warnings.filterwarnings("default", category=PissaWarning)
     warnings.showwarning = show_warning
 
 
