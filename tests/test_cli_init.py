@@ -40,6 +40,7 @@ def test_init_round_trips_through_stock_transformers_and_peft(
 HUB_KERNEL_NOTICE = "kernels-community"  # bitsandbytes >= 0.50 logs it at import on AVX512-BF16 CPUs without `kernels`
 
 
+@pytest.mark.integration  # fresh processes
 def test_a_command_that_does_not_quantize_prints_no_bitsandbytes_notice(tiny_llama_dir, tmp_path):
     """A fresh `pissa init` process, as a user runs it: peft imports bitsandbytes, whose hub-kernel notice is noise."""
     import importlib.util

@@ -253,6 +253,7 @@ def test_several_converted_adapters_on_one_untouched_base(tmp_path, tiny_llama_d
     assert not torch.allclose(trained["a"], trained["b"], atol=1e-3)  # three different models
 
 
+@pytest.mark.integration  # a fresh process
 def test_stock_peft_loads_converted_adapter_without_pissa(run, tiny_llama_dir, tokens):
     root, trained = run
     convert_to_lora(root / "trained", root / "init", root / "stock")

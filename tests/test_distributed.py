@@ -48,7 +48,7 @@ LAUNCHED = Path(__file__).parent / "distributed_launch.py"
 UPDATE_RTOL = 1e-3  # derived in the module docstring
 ZERO2 = {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}  # what `accelerate launch ... --zero_stage 2` sets
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.long]
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.long, pytest.mark.integration]  # 2 processes
 
 
 @pytest.fixture(scope="module")

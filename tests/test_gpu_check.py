@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration  # a process per step
 def test_gpu_check_dry_run_passes_every_step(tmp_path):
     pytest.importorskip("bitsandbytes")
     env = {**os.environ, "PYTHON": sys.executable, "PISSA_WORK": str(tmp_path), "OMP_NUM_THREADS": "1"}

@@ -27,6 +27,7 @@ assert not any(name == "pissa" or name.startswith("pissa.") for name in sys.modu
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.integration  # a fresh process
 def test_trl_recipe_trains_without_pissa_and_converts(tmp_path, tiny_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -105,6 +105,7 @@ def test_bf16_checkpoint_round_trip(tmp_path, make_tiny_llama):
     assert err > 0  # bf16 storage of the residual costs something, and it is reported
 
 
+@pytest.mark.integration  # worker processes
 def test_workers_equal_single_process(sharded_dir, tmp_path):
     one = run_init(str(sharded_dir), CONFIG, tmp_path / "one")
     two = run_init(str(sharded_dir), CONFIG, tmp_path / "two", workers=2)
@@ -121,6 +122,7 @@ run_init(sys.argv[1], PissaConfig(**{config}), sys.argv[2])
 """
 
 
+@pytest.mark.integration  # two processes
 def test_gloo_two_ranks_equal_single_process(sharded_dir, tmp_path):
     config = dict(rank=4, alpha=8, rank_pattern={"q_proj": 8}, options={"niter": 2}, seed=3)
     script = tmp_path / "launch.py"

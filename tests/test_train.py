@@ -239,6 +239,7 @@ def launcher(name: str) -> list[str]:
             "no", "--main_process_port", port]
 
 
+@pytest.mark.integration  # two processes
 @pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
 def test_ddp_two_processes_match_one(tmp_path, tiny_dir, data_file, launch):
     """2 CPU processes (gloo) at batch 2 each == 1 process at batch 4: same global batches, same losses,

@@ -42,7 +42,7 @@ def parity_check(base_dir: Path, reference: tuple[dict, dict], exported: tuple[d
     with tempfile.TemporaryDirectory(prefix="pissa-parity-") as tmp:
         write_adapter(Path(tmp) / "engine-view", view, exported[1])
         write_adapter(Path(tmp) / "reference", *reference)
-        model, _, _ = load_model(base_dir, "float32")
+        model, _, _ = load_model(base_dir, "float32", tokenizer=False)
         model.to(device).eval()
         generator = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, model.config.vocab_size, (config.sequences, config.length), generator=generator)

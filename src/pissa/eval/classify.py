@@ -94,7 +94,7 @@ def load_classifier(target, dtype: str):
     if init is not None:  # a `pissa init --quantize` residual loads in 4-bit, as it was trained
         model = load_quantized_residual(init, "cuda" if torch.cuda.is_available() else "cpu")
     else:
-        model, _, _ = load_model(target.model, dtype)
+        model, _, _ = load_model(target.model, dtype, tokenizer=False)
     if target.adapter is not None:
         from peft import PeftModel
 

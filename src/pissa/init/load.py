@@ -49,7 +49,7 @@ def load_residual(folder: str | Path, dtype: str, device):
     """An init's residual model: in 4-bit as fitted when it was quantized, else in `dtype` on `device`."""
     if is_quantized_init(folder):
         return load_quantized_residual(folder, device)
-    base, _, _ = load_model(InitDir(Path(folder)).residual, dtype)
+    base, _, _ = load_model(InitDir(Path(folder)).residual, dtype, tokenizer=False)
     return base.to(device)
 
 

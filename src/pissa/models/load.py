@@ -92,16 +92,18 @@ def check_weights(folder: Path) -> None:
                          "its shards); download the weight files into it, or point at the complete folder")
 
 
-def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False):
+def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False,
+               tokenizer: bool = True):
     """Load (model, tokenizer or None, resolved path) with stock transformers; `dtype="auto"` keeps the
-    checkpoint's dtype."""
+    checkpoint's dtype. `tokenizer=False` skips reading one (a large vocabulary takes a second) for callers
+    that have theirs."""
     path = resolve_model(spec)
     if Path(path).is_dir():
         check_weights(Path(path))
     config = read_config(path, trust_remote_code)
     torch_dtype = dtype if dtype == "auto" else parse_dtype(dtype)
     model = model_class(config).from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    return model, load_tokenizer(path, trust_remote_code=trust_remote_code), path
+    return model, load_tokenizer(path, trust_remote_code=trust_remote_code) if tokenizer else None, path
 
 
 def meta_model(folder: str | Path, trust_remote_code: bool = False):

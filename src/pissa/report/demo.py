@@ -215,7 +215,7 @@ class Demo:
 
         base, tokenizer, _ = load_model(self.model, "float32")
         lora = PeftModel.from_pretrained(base, str(converted)).eval()
-        residual, _, _ = load_model(InitDir(self.work / "pissa-init").residual, "float32")
+        residual, _, _ = load_model(InitDir(self.work / "pissa-init").residual, "float32", tokenizer=False)
         pissa = PeftModel.from_pretrained(residual, str(RunDir(self.work / "pissa").adapter)).eval()
         examples = load_eval_examples("arith:test", limit=4)
         batch = [encode_with_response(tokenizer, ex, self.config.max_length) for ex in examples]

@@ -233,7 +233,7 @@ def model_weights(model: str, dtype: str = "auto", targets: list[str] | None = N
     from ..layout import kind_of
     from ..models import check_not_quantized, load_model
 
-    loaded, _, path = load_model(model, dtype, trust_remote_code)
+    loaded, _, path = load_model(model, dtype, trust_remote_code, tokenizer=False)
     check_not_quantized(loaded)
     modules = linear_modules(loaded)
     if targets:

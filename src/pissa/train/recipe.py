@@ -187,7 +187,7 @@ class TrainRecipe:
             return self._init_written_first()
         from ..models import load_model
 
-        model, _, self.model_path = load_model(self._model_spec(), self.dtype)
+        model, _, self.model_path = load_model(self._model_spec(), self.dtype, tokenizer=False)
         model.to(self.args.device)  # decompose where the weights will train (GPU when there is one)
         if not self.method.adapter:
             return model.requires_grad_(True)
