@@ -286,10 +286,16 @@ def test_saved_residual_loads_in_4bit_as_fitted(structured_dir, structured_llama
         torch.testing.assert_close(quantized(tokens).logits, reference(tokens).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_loaded_residual_stays_the_fit_and_passes_gradients_after_an_eval_pass(structured_dir, tmp_path, tokens):
+def test_loaded_residual_stays_the_fit_and_passes_gradients_after_an_eval_pass(structured_dir, tmp_path, tokens,
+                                                                              monkeypatch):
     """pissa's 4-bit loader keeps every forward on dequantize + matmul: bitsandbytes' bf16 CPU kernel (AVX512-BF16
-    machines) would repack the weights at the first eval pass, then leave the fit and cut the input gradient."""
+    machines) would repack the weights at the first eval pass, then leave the fit and cut the input gradient.
+    Every Linear4bit is made to believe it runs on such a CPU (the repacking itself is torch code), so that the
+    test fails without the fix on any machine."""
+    import bitsandbytes.nn.modules
     from peft import PeftModel
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
 
     from pissa.init.load import load_quantized_residual
 
