@@ -11,12 +11,22 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+SETTLE_S = 5.0  # seconds for the disk to finish discarding freed blocks before the next measurement
+
+
+def remove_and_settle(path: Path) -> None:
+    """Delete a measurement's output and let the disk settle: with ext4's `discard` the freed blocks are
+    trimmed after the delete, and a measurement started meanwhile pays for them (seconds per GB here)."""
+    shutil.rmtree(path)
+    os.sync()
+    time.sleep(SETTLE_S)
 
 
 def load_average() -> float:

@@ -10,10 +10,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
-from _common import run_fresh
+from _common import remove_and_settle, run_fresh
 
 COPY = r"""
 import json, os, shutil, sys, time
@@ -66,7 +65,7 @@ def floors(checkpoint: Path, work: Path, rank: int, niter: int, pythonpath: Path
     scripts["copy"].write_text(COPY)
     scripts["decompose"].write_text(DECOMPOSE_ONLY)
     copy = run_fresh(scripts["copy"], [checkpoint, work / "floor-copy"], env=env)
-    shutil.rmtree(work / "floor-copy")
+    remove_and_settle(work / "floor-copy")
     decompose = run_fresh(scripts["decompose"], [checkpoint, rank, niter], env=env)
     for script in scripts.values():
         os.remove(script)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from _checkpoints import PROJECTIONS, truncation_floor, write_llama
-from _common import LoadWatch, run_fresh, write_result
+from _common import LoadWatch, remove_and_settle, run_fresh, write_result
 
 RANK = 16
 WALL_GOAL_SMALL, WALL_GOAL_LARGE = 0.75, 0.5  # pissa's wall over PEFT's, on ~1 GB and ~4 GB checkpoints
@@ -127,7 +127,7 @@ def measure(src: Path, layers: int, tmp: Path, args) -> dict:
         if rep == 0:
             row["excess"] = sample_excess(src, out, floors)
         runs.setdefault(f"PEFT pissa_niter_{args.peft_niter}", []).append(row)
-        shutil.rmtree(out)
+        remove_and_settle(out)
         for niter in args.pissa_niter:
             out = tmp / f"pissa-{niter}"
             row = timed_fresh(PISSA_SCRIPT, ["init", str(src), "--rank", str(RANK), "--niter", str(niter),
@@ -135,7 +135,7 @@ def measure(src: Path, layers: int, tmp: Path, args) -> dict:
             if rep == 0:
                 row["excess"] = sample_excess(src, out, floors)
             runs.setdefault(f"pissa init --niter {niter}", []).append(row)
-            shutil.rmtree(out)
+            remove_and_settle(out)
     rows = {}
     for label, reps in runs.items():
         rows[label] = {"wall_s": min(r["wall_s"] for r in reps), "in_process_s": min(r["in_process_s"] for r in reps),

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 from _checkpoints import write_llama
-from _common import LoadWatch, write_result
+from _common import LoadWatch, remove_and_settle, write_result
 from _floors import floors
 
 HIDDEN, INTER, VOCAB, HEADS = 2048, 5632, 32000, 16
@@ -94,15 +94,15 @@ def timed(code: str, *args: str) -> tuple[float, dict]:
 
 def measure(folder: Path, work: Path, in_memory: bool, niter: int) -> dict:
     copy_wall, _ = timed(COPY, str(folder), str(work / "copy"))
-    shutil.rmtree(work / "copy")
+    remove_and_settle(work / "copy")
     decompose_only = floors(folder, work, 16, niter)["decompose_only_s"]
     wall, info = timed(INIT, str(folder), str(work / "out"), "stream", str(niter), "preimport")
-    shutil.rmtree(work / "out")
+    remove_and_settle(work / "out")
     row = {"copy_s": copy_wall, "decompose_only_s": decompose_only, "stream_wall_s": wall,
            **{f"stream_{k}": v for k, v in info.items()}}
     if in_memory:
         wall, info = timed(INIT, str(folder), str(work / "out"), "memory", str(niter), "preimport")
-        shutil.rmtree(work / "out")
+        remove_and_settle(work / "out")
         row.update({"memory_wall_s": wall, **{f"memory_{k}": v for k, v in info.items()}})
     return row
 
@@ -142,7 +142,8 @@ def report(rows: list[dict], niter: int) -> str:
         f"r=16, niter={niter}, 1 worker process (decomposing on one thread per torch thread), reads ahead and "
         "writes behind in threads, "
         f"torch threads {torch.get_num_threads()}. {WATCH.header()} The floors and the init ran back to "
-        "back on the same files (all from the page cache). Peak RSS is the process's VmHWM, imports "
+        "back on the same files (all from the page cache), each one's output deleted and the disk left 5 s to "
+        "settle before the next. Peak RSS is the process's VmHWM, imports "
         "included. Copy floor: the shard files copied with fsync, the I/O alone. Decompose-only floor: every "
         "targeted weight decomposed as the init does it, read beforehand outside the clock, the init's compute "
         f"alone. Products floor: the randomized SVD's products alone ({2 * niter + 2} passes per weight with a "
