@@ -82,6 +82,16 @@ def run_fresh(script: str | Path, args: list[str], threads: int | None = None, e
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def timed_fresh(code: str, args: list[str], tmp: Path) -> dict:
+    """Run `code` as a script in a fresh process (`run_fresh`); its JSON line plus the wall time seen from outside."""
+    script = tmp / f"run_{abs(hash(code))}.py"
+    script.write_text(code)
+    start = time.perf_counter()
+    row = run_fresh(script, args)
+    script.unlink()
+    return {**row, "wall_s": time.perf_counter() - start}
+
+
 def write_result(name: str, text: str, data: dict | list | None = None) -> Path:
     """Write results/<name>.md (and results/<name>.json with `data`)."""
     RESULTS.mkdir(exist_ok=True)

@@ -30,12 +30,11 @@ import math
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from _checkpoints import PROJECTIONS, truncation_floor, write_llama
-from _common import LoadWatch, remove_and_settle, run_fresh, write_result
+from _common import LoadWatch, remove_and_settle, timed_fresh, write_result
 
 RANK = 16
 WALL_GOAL_SMALL, WALL_GOAL_LARGE = 0.75, 0.5  # pissa's wall over PEFT's, on ~1 GB and ~4 GB checkpoints
@@ -82,15 +81,6 @@ from pissa.cli import main
 sys.argv = ["pissa", *sys.argv[1:]]
 main()
 """
-
-
-def timed_fresh(code: str, args: list[str], tmp: Path) -> dict:
-    """Run `python -c code args` in a fresh process; its JSON line plus the wall time seen from outside."""
-    script = tmp / f"run_{abs(hash(code))}.py"
-    script.write_text(code)
-    start = time.perf_counter()
-    row = run_fresh(script, args)
-    return {**row, "wall_s": time.perf_counter() - start}
 
 
 def sample_names(layers: int) -> list[str]:

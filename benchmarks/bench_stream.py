@@ -32,15 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from _checkpoints import write_llama
-from _common import LoadWatch, remove_and_settle, write_result
+from _common import LoadWatch, remove_and_settle, timed_fresh, write_result
 from _floors import floors
 
 HIDDEN, INTER, VOCAB, HEADS = 2048, 5632, 32000, 16
@@ -55,23 +53,13 @@ def write_checkpoint(folder: Path, layers: int, **shape) -> int:
                                           **shape}, dtype=DTYPE, shard_bytes=SHARD_BYTES)
 
 
-COPY = """
-import os, shutil, sys, time
-src, dst = sys.argv[1], sys.argv[2]
-os.makedirs(dst)
-for name in sorted(os.listdir(src)):
-    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    fd = os.open(os.path.join(dst, name), os.O_RDONLY); os.fsync(fd); os.close(fd)
-"""
-
 INIT = """
 import json, sys, time
 sys.path.insert(0, BENCHMARKS)
 from _common import peak_rss_bytes as hwm
 from pissa.init import PissaConfig, run_init
 start = time.perf_counter()
-if sys.argv[5] == "preimport":  # the plan's own imports (meta model code, peft's matcher), timed apart
-    import peft, transformers.models.llama.modeling_llama
+import peft, transformers.models.llama.modeling_llama  # the plan's own imports (meta model, matcher), timed apart
 plan_imports_s = time.perf_counter() - start
 rss_imports = hwm()
 start = time.perf_counter()
@@ -82,28 +70,13 @@ print(json.dumps({"run_s": time.perf_counter() - start, "plan_imports_s": plan_i
 """.replace("BENCHMARKS", repr(str(Path(__file__).parent)))
 
 
-def timed(code: str, *args: str) -> tuple[float, dict]:
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    return wall, (json.loads(lines[-1]) if lines else {})
-
-
 def measure(folder: Path, work: Path, in_memory: bool, niter: int) -> dict:
-    copy_wall, _ = timed(COPY, str(folder), str(work / "copy"))
-    remove_and_settle(work / "copy")
-    decompose_only = floors(folder, work, 16, niter)["decompose_only_s"]
-    wall, info = timed(INIT, str(folder), str(work / "out"), "stream", str(niter), "preimport")
-    remove_and_settle(work / "out")
-    row = {"copy_s": copy_wall, "decompose_only_s": decompose_only, "stream_wall_s": wall,
-           **{f"stream_{k}": v for k, v in info.items()}}
-    if in_memory:
-        wall, info = timed(INIT, str(folder), str(work / "out"), "memory", str(niter), "preimport")
+    floor = floors(folder, work, 16, niter)
+    row = {"copy_s": floor["copy_s"], "decompose_only_s": floor["decompose_only_s"]}
+    for mode in ("stream", "memory") if in_memory else ("stream",):
+        info = timed_fresh(INIT, [folder, work / "out", mode, niter], work)
         remove_and_settle(work / "out")
-        row.update({"memory_wall_s": wall, **{f"memory_{k}": v for k, v in info.items()}})
+        row.update({f"{mode}_{k}": v for k, v in info.items()})
     return row
 
 
