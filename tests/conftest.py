@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import PREFS, RECORDS, build_tiny_llama, char_tokenizer
+from pissa.decompose import linalg
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -43,10 +44,8 @@ def one_thread():
     """One torch thread for a module of tiny-model tests: tiny matmuls gain nothing from threads, and on
     busy cores OpenMP spin-waiting makes them up to ~100x slower. Use with
     `pytestmark = pytest.mark.usefixtures("one_thread")`; results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with linalg.one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
